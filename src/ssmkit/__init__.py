@@ -1,0 +1,35 @@
+"""ssmkit: state space models, from the first equation to a Mamba language model.
+
+Public API (re-exports only; each name is imported on first use so that ``import ssmkit`` stays light).
+
+    ssmkit.lti            discretize, recurrent, kernel, convolve, scan, hippo, nplr, continuous_response
+    selective_scan        the S6 operator (reference / chunked / cpu backends)
+    RMSNorm, Mamba        layers                     S4D, S4          LTI layers
+    MambaConfig, MambaLM  the Mamba language model
+"""
+
+from importlib import import_module
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "selective_scan": "ssmkit.scan",
+    "RMSNorm": "ssmkit.layers.norm",
+    "Mamba": "ssmkit.layers.mamba",
+    "S4D": "ssmkit.layers.s4d",
+    "S4": "ssmkit.layers.s4",
+    "MambaConfig": "ssmkit.models.config",
+    "MambaLM": "ssmkit.models.mamba_lm",
+    "SequenceModel": "ssmkit.models.sequence",
+    "param_groups": "ssmkit.train.optim",
+}
+
+__all__ = ["__version__", "lti", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    if name == "lti":
+        return import_module("ssmkit.lti")
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'ssmkit' has no attribute {name!r}")
