@@ -7,6 +7,7 @@ from pathlib import Path
 # (module, function) of each section, in the order the demo runs them.
 SECTIONS = [
     ("ssmkit.demo.lti", "run"),
+    ("ssmkit.demo.s4", "run"),
 ]
 
 

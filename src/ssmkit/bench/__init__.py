@@ -1,0 +1,1 @@
+"""ssmkit.bench: measurements behind ``ssmkit bench`` (one module per benchmark)."""

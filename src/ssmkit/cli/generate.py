@@ -1,0 +1,85 @@
+"""`ssmkit generate MODEL_DIR --prompt ...`: sample a continuation from a saved Mamba LM.
+
+Thin: parses arguments, loads the model (``MambaLM.from_pretrained``) and tokenizer
+(``ssmkit.data.tokenizer.load_tokenizer``: tokenizer.json if present, else bytes), and calls
+``MambaLM.generate``. Prints the prompt followed by the continuation; ``--stream`` prints text as it comes.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="generate text from a saved Mamba LM (Hugging Face or mamba-ssm folder)",
+        description="Load MODEL_DIR (config.json + weights) and continue PROMPT. Uses the folder's "
+        "tokenizer.json when present, else a byte-level tokenizer (ids 0..255).",
+    )
+    p.add_argument("model_dir", type=Path, metavar="MODEL_DIR", help="local model folder")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=50, help="tokens to generate (default 50)")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1 = off")
+    p.add_argument("--min-p", type=float, default=0.0, help="keep p >= min_p * max p; 0 = off")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL penalty; 1 = off")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator (default 0)")
+    p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    p.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    import torch
+
+    from ssmkit.data.tokenizer import load_tokenizer
+    from ssmkit.models.mamba_lm import MambaLM
+
+    model = MambaLM.from_pretrained(args.model_dir).eval()
+    tokenizer = load_tokenizer(args.model_dir)
+    if tokenizer.vocab_size > model.config.padded_vocab_size:
+        raise SystemExit(
+            f"error: tokenizer has {tokenizer.vocab_size} tokens but the model only "
+            f"{model.config.padded_vocab_size}"
+        )
+    prompt_ids = tokenizer.encode(args.prompt)
+    if not prompt_ids:
+        raise SystemExit("error: --prompt encodes to no tokens")
+    input_ids = torch.tensor([prompt_ids], dtype=torch.long)
+    generator = torch.Generator().manual_seed(args.seed)
+
+    new_ids: list[int] = []
+    printed = [0]  # characters of the continuation already printed (streaming)
+
+    def stream(token):
+        new_ids.append(int(token[0]))
+        text = tokenizer.decode(new_ids)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            sys.stdout.write(text[printed[0] :])
+            sys.stdout.flush()
+            printed[0] = len(text)
+
+    if args.stream:
+        sys.stdout.write(args.prompt)
+        sys.stdout.flush()
+    out = model.generate(
+        input_ids,
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        eos_token_id=tokenizer.eos_token_id,
+        generator=generator,
+        streamer=stream if args.stream else None,
+    )
+    continuation = tokenizer.decode(out[0, len(prompt_ids) :].tolist())
+    if args.stream:
+        sys.stdout.write(continuation[printed[0] :] + "\n")
+    else:
+        sys.stdout.write(args.prompt + continuation + "\n")
+    sys.stdout.flush()
+    return 0

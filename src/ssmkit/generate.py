@@ -1,0 +1,182 @@
+"""Sampling and the autoregressive decode loop over a model's recurrent cache.
+
+The logit processors are small pure functions on (b, v) logits, applied in this order (transformers'
+order; mamba-ssm's ``utils/generation.py`` is the reference for the loop, reference/mamba.md §1.7):
+
+    1. repetition penalty (CTRL, Keskar et al. 2019, arXiv 1909.05858): for every token id already in the
+       sequence (prompt included) the logit s becomes s / θ if s > 0 else s · θ;
+    2. temperature: s / T  (T == 0 means greedy argmax, no sampling);
+    3. top-k: keep the k largest logits (ties at the k-th value are kept);
+    4. top-p (nucleus, Holtzman et al. 2019): keep the smallest set of most-probable tokens whose
+       probability sums to >= p (the most probable token is always kept);
+    5. min-p (Nguyen et al. 2024, arXiv 2407.01082): keep tokens with p_i >= min_p · max_j p_j.
+       (mamba-ssm's own min-p compares logits of token 0 and is a no-op in practice; this is the
+       standard rule.)
+
+Removed tokens get logit −inf; the next token is drawn with ``torch.multinomial`` from the given
+``torch.Generator`` (so a seed fixes the output). Padded vocabulary rows (ids >= config.vocab_size) are
+never produced. Decoding: one prefill call on the whole prompt, then one call per new token, all through
+``model(ids, cache=cache)``. Rows that emitted ``eos_token_id`` keep emitting it; the loop stops early
+once every row has finished.
+
+Glossary: b batch, v vocabulary, θ repetition penalty, T temperature.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+
+def apply_repetition_penalty(logits: Tensor, seen_ids: Tensor, penalty: float) -> Tensor:
+    """CTRL penalty on (b, v) logits for the ids in ``seen_ids`` (b, t): positive / θ, negative · θ."""
+    if penalty <= 0:
+        raise ValueError(f"repetition_penalty must be > 0, got {penalty}")
+    if penalty == 1.0:
+        return logits
+    score = logits.gather(1, seen_ids)  # (b, t)
+    score = torch.where(score > 0, score / penalty, score * penalty)  # (b, t)
+    return logits.scatter(1, seen_ids, score)  # (b, v)
+
+
+def filter_top_k(logits: Tensor, k: int) -> Tensor:
+    """Keep the k largest logits per row (others −inf); k <= 0 or k >= v keeps all."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]  # (b, 1)
+    return logits.masked_fill(logits < kth, float("-inf"))  # (b, v)
+
+
+def filter_top_p(logits: Tensor, p: float) -> Tensor:
+    """Nucleus filter: keep the smallest most-probable set with total probability >= p; p >= 1 keeps all."""
+    if not 0 < p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {p}")
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (b, v)
+    probs = sorted_logits.softmax(-1)  # (b, v)
+    mass_before = probs.cumsum(-1) - probs  # (b, v) probability of strictly more probable tokens
+    remove_sorted = mass_before >= p  # (b, v); the first token has mass_before 0 and is always kept
+    remove = remove_sorted.scatter(1, order, remove_sorted)  # back to vocabulary order
+    return logits.masked_fill(remove, float("-inf"))
+
+
+def filter_min_p(logits: Tensor, min_p: float) -> Tensor:
+    """Keep tokens with p_i >= min_p · max_j p_j (others −inf); min_p == 0 keeps all."""
+    if not 0 <= min_p <= 1:
+        raise ValueError(f"min_p must be in [0, 1], got {min_p}")
+    if min_p == 0:
+        return logits
+    probs = logits.softmax(-1)  # (b, v)
+    threshold = min_p * probs.max(-1, keepdim=True).values  # (b, 1)
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+def process_logits(
+    logits: Tensor,
+    seen_ids: Tensor,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
+) -> Tensor:
+    """All processors in order on (b, v) float logits; with temperature == 0 only the penalty applies."""
+    logits = apply_repetition_penalty(logits.float(), seen_ids, repetition_penalty)
+    if temperature == 0:
+        return logits
+    logits = logits / temperature
+    logits = filter_top_k(logits, top_k)
+    logits = filter_top_p(logits, top_p)
+    return filter_min_p(logits, min_p)
+
+
+def sample_next(
+    logits: Tensor,
+    seen_ids: Tensor,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Next token (b,) from (b, v) logits: argmax when temperature == 0, else a seeded multinomial draw."""
+    logits = process_logits(logits, seen_ids, temperature, top_k, top_p, min_p, repetition_penalty)
+    if temperature == 0:
+        return logits.argmax(-1)  # (b,)
+    probs = logits.softmax(-1)  # (b, v)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]  # (b,)
+
+
+def _check_args(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, eos_token_id, vocab):
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k must be an int >= 0, got {top_k!r}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if not 0 <= min_p <= 1:
+        raise ValueError(f"min_p must be in [0, 1], got {min_p}")
+    if not repetition_penalty > 0:
+        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+    if eos_token_id is not None and not 0 <= eos_token_id < vocab:
+        raise ValueError(f"eos_token_id must be in [0, {vocab}), got {eos_token_id}")
+
+
+@torch.no_grad()
+def generate(
+    model,
+    input_ids: Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
+    eos_token_id: int | None = None,
+    generator: torch.Generator | None = None,
+    streamer: Callable[[Tensor], None] | None = None,
+) -> Tensor:
+    """Generate up to ``max_new_tokens`` tokens after equal-length prompts ``input_ids`` (b, l).
+
+    Args:
+        model: has ``config.vocab_size``, ``check_input_ids``, ``new_cache(b)`` and
+            ``model(ids, cache=, num_last_tokens=)`` (e.g. :class:`ssmkit.MambaLM`).
+        input_ids: (b, l) long prompt ids (all rows the same length; no padding).
+        max_new_tokens: number of tokens to add (fewer if every row emits ``eos_token_id``).
+        temperature, top_k, top_p, min_p, repetition_penalty: see the module docstring.
+        eos_token_id: finished rows keep emitting it; generation stops when all rows finished.
+        generator: torch.Generator for the draws (seed it for reproducible output).
+        streamer: called after each step with the new tokens (b,) long.
+    Returns:
+        (b, l + k) long: the prompt followed by the k <= max_new_tokens generated tokens.
+    """
+    vocab = model.config.vocab_size
+    _check_args(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, eos_token_id, vocab)
+    model.check_input_ids(input_ids)
+    sequences = input_ids.to(torch.long)  # (b, l)
+    if max_new_tokens == 0:
+        return sequences
+    b = sequences.shape[0]
+    cache = model.new_cache(b)
+    finished = torch.zeros(b, dtype=torch.bool, device=sequences.device)  # (b,)
+    logits = model(sequences, cache=cache, num_last_tokens=1)[:, -1, :vocab]  # (b, v) prefill
+    for step in range(max_new_tokens):
+        token = sample_next(
+            logits, sequences, temperature, top_k, top_p, min_p, repetition_penalty, generator
+        )  # (b,)
+        if eos_token_id is not None:
+            token = torch.where(finished, torch.full_like(token, eos_token_id), token)
+            finished |= token == eos_token_id
+        sequences = torch.cat([sequences, token[:, None]], dim=1)  # (b, l + step + 1)
+        if streamer is not None:
+            streamer(token)
+        if step == max_new_tokens - 1 or bool(finished.all()):
+            break
+        logits = model(token[:, None], cache=cache)[:, -1, :vocab]  # (b, v) one-token decode
+    return sequences

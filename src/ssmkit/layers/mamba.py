@@ -1,0 +1,240 @@
+"""The Mamba mixer: a gated, selective state space layer (Gu & Dao 2023, arXiv 2312.00752, §3.4, Fig. 3).
+
+For an input sequence u (b, l, d_model):
+
+    x, z   = in_proj(u)                              two (b, d_inner, l) branches
+    x      = SiLU(causal_depthwise_conv1d(x))        kernel width d_conv, left context only
+    δ,B,C  = x_proj(x)                               (b, l, R), (b, l, N), (b, l, N)
+    Δ      = softplus(dt_proj.weight δ + dt_proj.bias)
+    y      = selective_scan(x, Δ, A = -exp(A_log), B, C, D, z)     (ssmkit.selective_scan, with SiLU(z) gate)
+    out    = out_proj(y)
+
+The parameter names, shapes and initialisation are those of ``mamba_ssm.modules.mamba_simple.Mamba``
+(reference/mamba.md §1.2), so state dicts move between the two unchanged:
+``dt_proj.bias`` = softplus⁻¹ of a log-uniform Δ in [dt_min, dt_max] (floored at dt_init_floor) and
+marked ``_no_reinit``; ``dt_proj.weight`` ~ U(±dt_rank^-½·dt_scale) (or that constant); ``A_log`` =
+log(1..N) per channel (S4D-Real); ``D`` = 1; every other weight keeps PyTorch's default. The model-level
+re-initialisation (zero Linear biases, out_proj / √n_layer) is done by ``ssmkit.models.mamba_lm``.
+
+Caching. ``forward(u, state)`` takes an optional :class:`MambaState` — ``conv_state`` (b, d_inner,
+d_conv), the last d_conv pre-convolution inputs (mamba-ssm's and transformers' layout), and
+``ssm_state`` (b, d_inner, N) float32, the scan state h. The new inputs are appended to the conv state's
+history, the causal convolution runs over that, and the scan starts from ``ssm_state``; both states are
+then replaced by their values after the last new token. Prefill, chunked prefill and one-token decoding
+are therefore the same code path; without a state the history is zeros and h_0 = 0. States are replaced,
+never modified in place, so gradients flow through them (truncated BPTT, state passing).
+
+Glossary (code -> paper): d_model D; d_inner E·D; d_state N; dt_rank R; d_conv the conv width;
+delta / dt Δ; A_log log(−A); B, C the input-dependent B, C; z the gate branch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ssmkit.scan import selective_scan
+
+
+@dataclass
+class MambaState:
+    """The recurrent state of one Mamba mixer for a batch of sequences (constant size in the length).
+
+    Attributes:
+        conv_state: (b, d_inner, d_conv) the last d_conv pre-convolution inputs (oldest first).
+        ssm_state: (b, d_inner, d_state) float32, the scan state h after the last consumed token.
+    """
+
+    conv_state: Tensor
+    ssm_state: Tensor
+
+
+def inverse_softplus(y: Tensor) -> Tensor:
+    """softplus⁻¹(y) = log(exp(y) − 1), computed stably as y + log(−expm1(−y)) (pytorch issue #72759)."""
+    return y + torch.log(-torch.expm1(-y))
+
+
+def _at_least_f32(t: Tensor) -> Tensor:
+    """float32, unless the tensor is float64 (kept, so float64 models compute exactly in float64)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
+class Mamba(nn.Module):
+    """The Mamba (S6) mixer with mamba-ssm's parameters and initialisation.
+
+    Args:
+        d_model: model width D (input and output size).
+        d_state: SSM state size N per channel.
+        d_conv: width of the causal depthwise convolution.
+        expand: d_inner = int(expand · d_model).
+        dt_rank: rank R of the Δ projection; "auto" means ceil(d_model / 16).
+        dt_min, dt_max: range of the log-uniform initial Δ.
+        dt_init: "random" (dt_proj.weight ~ U(±std)) or "constant" (= std), std = R^-½ · dt_scale.
+        dt_scale: scale of that std.
+        dt_init_floor: lower clamp of the initial Δ.
+        conv_bias: whether conv1d has a bias.
+        bias: whether in_proj and out_proj have biases.
+        layer_idx: position of the layer in a stack (informational; the model keys caches by index).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: float = 2,
+        dt_rank: int | str = "auto",
+        dt_min: float = 1e-3,
+        dt_max: float = 0.1,
+        dt_init: str = "random",
+        dt_scale: float = 1.0,
+        dt_init_floor: float = 1e-4,
+        conv_bias: bool = True,
+        bias: bool = False,
+        layer_idx: int | None = None,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        if not isinstance(d_model, int) or d_model <= 0:
+            raise ValueError(f"d_model must be a positive int, got {d_model!r}")
+        if not isinstance(d_state, int) or d_state <= 0:
+            raise ValueError(f"d_state must be a positive int, got {d_state!r}")
+        if not isinstance(d_conv, int) or d_conv <= 0:
+            raise ValueError(f"d_conv must be a positive int, got {d_conv!r}")
+        if dt_init not in ("random", "constant"):
+            raise ValueError(f"dt_init must be 'random' or 'constant', got {dt_init!r}")
+        if not 0 < dt_min <= dt_max:
+            raise ValueError(f"need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
+        factory = {"device": device, "dtype": dtype}
+        self.d_model = d_model
+        self.d_state = d_state
+        self.d_conv = d_conv
+        self.expand = expand
+        self.d_inner = int(expand * d_model)
+        if self.d_inner <= 0:
+            raise ValueError(f"expand * d_model must be >= 1, got expand={expand}, d_model={d_model}")
+        if dt_rank == "auto":
+            dt_rank = math.ceil(d_model / 16)
+        if not isinstance(dt_rank, int) or dt_rank <= 0:
+            raise ValueError(f"dt_rank must be 'auto' or a positive int, got {dt_rank!r}")
+        self.dt_rank = dt_rank
+        self.layer_idx = layer_idx
+
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias, **factory)
+        self.conv1d = nn.Conv1d(
+            self.d_inner,
+            self.d_inner,
+            kernel_size=d_conv,
+            groups=self.d_inner,
+            padding=d_conv - 1,
+            bias=conv_bias,
+            **factory,
+        )
+        self.x_proj = nn.Linear(self.d_inner, dt_rank + 2 * d_state, bias=False, **factory)
+        self.dt_proj = nn.Linear(dt_rank, self.d_inner, bias=True, **factory)
+
+        # Δ projection: weight ~ U(±std) (or = std), bias = softplus⁻¹(log-uniform Δ in [dt_min, dt_max]).
+        dt_init_std = dt_rank**-0.5 * dt_scale
+        with torch.no_grad():
+            if dt_init == "constant":
+                self.dt_proj.weight.fill_(dt_init_std)
+            else:
+                self.dt_proj.weight.uniform_(-dt_init_std, dt_init_std)
+            u01 = torch.rand(self.d_inner, device=device, dtype=torch.float32)  # (d_inner,)
+            dt = torch.exp(u01 * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+            dt = dt.clamp(min=dt_init_floor)  # (d_inner,)
+            self.dt_proj.bias.copy_(inverse_softplus(dt))
+        self.dt_proj.bias._no_reinit = True  # the model-level init must not zero this bias
+
+        # S4D-Real: A = -(1, 2, ..., N) for every channel, stored as log(-A) in float32.
+        A = torch.arange(1, d_state + 1, dtype=torch.float32, device=device).repeat(self.d_inner, 1)
+        self.A_log = nn.Parameter(torch.log(A))  # (d_inner, N)
+        self.A_log._no_weight_decay = True
+        self.D = nn.Parameter(torch.ones(self.d_inner, device=device, dtype=torch.float32))  # (d_inner,)
+        self.D._no_weight_decay = True
+
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
+
+    def new_state(self, batch_size: int, device=None, dtype=None) -> MambaState:
+        """Zero state for ``batch_size`` sequences (conv state in ``dtype`` or conv1d's; ssm state fp32)."""
+        if not isinstance(batch_size, int) or batch_size <= 0:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        w = self.conv1d.weight
+        device = w.device if device is None else device
+        conv = torch.zeros(batch_size, self.d_inner, self.d_conv, device=device, dtype=dtype or w.dtype)
+        ssm = torch.zeros(batch_size, self.d_inner, self.d_state, device=device, dtype=torch.float32)
+        return MambaState(conv_state=conv, ssm_state=ssm)
+
+    def _check_state(self, state: MambaState, b: int) -> None:
+        expected = {
+            "conv_state": (b, self.d_inner, self.d_conv),
+            "ssm_state": (b, self.d_inner, self.d_state),
+        }
+        for name, shape in expected.items():
+            got = tuple(getattr(state, name).shape)
+            if got != shape:
+                raise ValueError(f"state.{name} must have shape (b, d_inner, ·) = {shape}, got {got}")
+
+    def forward(self, hidden_states: Tensor, state: MambaState | None = None) -> Tensor:
+        """Mix a sequence; continue from and update ``state`` when given.
+
+        Args:
+            hidden_states: (b, l, d_model), l >= 1.
+            state: optional :class:`MambaState` for this layer; replaced by the state after the last token.
+        Returns:
+            (b, l, d_model) in the input dtype.
+        """
+        if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.d_model:
+            raise ValueError(
+                f"hidden_states must have shape (b, l, d_model={self.d_model}), "
+                f"got {tuple(hidden_states.shape)}"
+            )
+        b, l, _ = hidden_states.shape
+        if state is not None:
+            self._check_state(state, b)
+
+        xz = self.in_proj(hidden_states).transpose(1, 2)  # (b, 2·d_inner, l)
+        x, z = xz.chunk(2, dim=1)  # (b, d_inner, l) each
+
+        # Causal depthwise conv over [history, new inputs]: the history is the last d_conv - 1 inputs
+        # (zeros for a fresh sequence), so exactly l outputs come out with no padding.
+        w = self.conv1d.weight  # (d_inner, 1, d_conv)
+        if state is None:
+            x_hist = F.pad(x, (self.d_conv - 1, 0))  # (b, d_inner, d_conv - 1 + l)
+        else:
+            full = torch.cat([state.conv_state.to(x.dtype), x], dim=-1)  # (b, d_inner, d_conv + l)
+            x_hist = full[:, :, 1:]  # (b, d_inner, d_conv - 1 + l)
+            state.conv_state = full[:, :, -self.d_conv :].to(state.conv_state.dtype)  # (b, d_inner, d_conv)
+        x = F.silu(F.conv1d(x_hist, w, self.conv1d.bias, groups=self.d_inner))  # (b, d_inner, l)
+
+        x_dbl = self.x_proj(x.transpose(1, 2))  # (b, l, R + 2N)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = (dt @ self.dt_proj.weight.t()).transpose(1, 2)  # (b, d_inner, l); bias added in the scan
+        B = B.transpose(1, 2)  # (b, N, l)
+        C = C.transpose(1, 2)  # (b, N, l)
+        A = -torch.exp(_at_least_f32(self.A_log))  # (d_inner, N)
+
+        result = selective_scan(
+            x,
+            dt,
+            A,
+            B,
+            C,
+            D=_at_least_f32(self.D),
+            z=z,
+            delta_bias=_at_least_f32(self.dt_proj.bias),
+            delta_softplus=True,
+            return_last_state=state is not None,
+            initial_state=None if state is None else state.ssm_state,
+        )
+        if state is not None:
+            y, last = result  # (b, d_inner, l), (b, d_inner, N)
+            state.ssm_state = _at_least_f32(last)
+        else:
+            y = result  # (b, d_inner, l)
+        return self.out_proj(y.transpose(1, 2))  # (b, l, d_model)

@@ -1,0 +1,228 @@
+"""The Mamba language model: embedding → n_layer pre-norm Mamba blocks → RMSNorm → LM head.
+
+Reference: Gu & Dao 2023 (arXiv 2312.00752) §3.4 and App. E.2; the module tree, state-dict keys and
+initialisation are those of mamba-ssm's ``MambaLMHeadModel`` (reference/mamba.md §1.5, §1.6, §1.8):
+
+    backbone.embedding.weight              (V_pad, D)     N(0, 0.02)
+    backbone.layers.{i}.norm.weight        (D,)           ones
+    backbone.layers.{i}.mixer.*            see ssmkit.layers.mamba (out_proj.weight rescaled by 1/√n_layer,
+                                                          Linear biases zeroed except dt_proj.bias)
+    backbone.norm_f.weight                 (D,)
+    lm_head.weight                         (V_pad, D)     tied to the embedding unless tie_embeddings=False
+
+Each block is pre-norm with a residual stream kept in float32 (``residual_in_fp32``):
+    h_{i+1} = h_i + Mamba_i(RMSNorm_i(h_i))
+which equals mamba-ssm's fused "Add → Norm → Mixer" ordering and transformers' ``MambaBlock``.
+
+Cached inference: ``cache = model.new_cache(b)``; ``model(ids, cache=cache)`` consumes any number of new
+tokens and continues from the cache (one :class:`~ssmkit.layers.mamba.MambaState` per layer, constant
+size in the sequence length). Prefill, chunked prefill and one-token decoding are one code path.
+
+Glossary: D d_model; V_pad padded vocabulary; l sequence length; b batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ssmkit.layers.mamba import Mamba, MambaState
+from ssmkit.layers.norm import RMSNorm
+from ssmkit.models.config import MambaConfig
+
+
+@dataclass
+class MambaCache:
+    """Recurrent state of a whole :class:`MambaLM` for a batch of sequences.
+
+    Attributes:
+        layers: one :class:`MambaState` per block.
+        seqlen_offset: number of tokens consumed so far.
+    """
+
+    layers: list[MambaState]
+    seqlen_offset: int = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.layers[0].ssm_state.shape[0]
+
+
+class MambaBlock(nn.Module):
+    """Pre-norm residual block: ``out = residual + mixer(norm(x))``, residual kept in float32 if asked."""
+
+    def __init__(self, config: MambaConfig, layer_idx: int, device=None, dtype=None):
+        super().__init__()
+        self.residual_in_fp32 = config.residual_in_fp32
+        self.norm = RMSNorm(config.d_model, eps=config.norm_eps, device=device, dtype=dtype)
+        self.mixer = Mamba(
+            config.d_model, layer_idx=layer_idx, device=device, dtype=dtype, **config.mixer_kwargs()
+        )
+
+    def forward(self, hidden_states: Tensor, state: MambaState | None = None) -> Tensor:
+        residual = hidden_states.float() if self.residual_in_fp32 else hidden_states  # (b, l, d)
+        mixed = self.mixer(self.norm(hidden_states.to(self.norm.weight.dtype)), state=state)  # (b, l, d)
+        return residual + mixed  # (b, l, d)
+
+
+class MambaBackbone(nn.Module):
+    """Embedding, blocks and final norm (mamba-ssm's ``MixerModel``; key prefix ``backbone.``)."""
+
+    def __init__(self, config: MambaConfig, device=None, dtype=None):
+        super().__init__()
+        self.embedding = nn.Embedding(config.padded_vocab_size, config.d_model, device=device, dtype=dtype)
+        self.layers = nn.ModuleList(
+            [MambaBlock(config, i, device=device, dtype=dtype) for i in range(config.n_layer)]
+        )
+        self.norm_f = RMSNorm(config.d_model, eps=config.norm_eps, device=device, dtype=dtype)
+
+    def forward(self, input_ids: Tensor, cache: MambaCache | None = None) -> Tensor:
+        hidden = self.embedding(input_ids)  # (b, l, d)
+        for i, layer in enumerate(self.layers):
+            hidden = layer(hidden, state=None if cache is None else cache.layers[i])  # (b, l, d)
+        return self.norm_f(hidden.to(self.norm_f.weight.dtype))  # (b, l, d)
+
+
+def init_weights(model: nn.Module, n_layer: int, initializer_range: float = 0.02) -> None:
+    """mamba-ssm's ``_init_weights`` (reference/mamba.md §1.6), in place.
+
+    Zero every Linear bias except those marked ``_no_reinit`` (dt_proj.bias); embeddings N(0,
+    initializer_range); every ``out_proj.weight`` re-drawn with kaiming_uniform(a=√5) and divided by
+    √n_layer (the GPT-2 prenorm-residual rescale with one residual per layer).
+    """
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                if not getattr(module.bias, "_no_reinit", False):
+                    module.bias.zero_()
+            elif isinstance(module, nn.Embedding):
+                module.weight.normal_(0.0, initializer_range)
+        for name, p in model.named_parameters():
+            if name.endswith("out_proj.weight"):
+                nn.init.kaiming_uniform_(p, a=math.sqrt(5))
+                p.div_(math.sqrt(n_layer))
+
+
+class MambaLM(nn.Module):
+    """Mamba language model with mamba-ssm ``MambaLMHeadModel`` state-dict keys.
+
+    Args:
+        config: :class:`MambaConfig`.
+    """
+
+    def __init__(self, config: MambaConfig, device=None, dtype=None):
+        super().__init__()
+        if not isinstance(config, MambaConfig):
+            raise ValueError(f"config must be a MambaConfig, got {type(config).__name__}")
+        self.config = config
+        self.backbone = MambaBackbone(config, device=device, dtype=dtype)
+        self.lm_head = nn.Linear(
+            config.d_model, config.padded_vocab_size, bias=False, device=device, dtype=dtype
+        )
+        init_weights(self, config.n_layer)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.backbone.embedding.weight
+
+    # ------------------------------------------------------------------ inference
+    def new_cache(self, batch_size: int) -> MambaCache:
+        """A zero cache for ``batch_size`` sequences, on the model's device."""
+        return MambaCache([layer.mixer.new_state(batch_size) for layer in self.backbone.layers])
+
+    def check_input_ids(self, input_ids: Tensor) -> None:
+        """Raise ValueError unless ``input_ids`` is an integer (b, l) tensor with l >= 1 and ids in range."""
+        if not isinstance(input_ids, Tensor):
+            raise ValueError(
+                f"input_ids must be a torch.Tensor of shape (b, l), got {type(input_ids).__name__}"
+            )
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+            raise ValueError(f"input_ids must be an integer tensor (torch.long), got dtype {input_ids.dtype}")
+        if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids must have shape (b, l) with b, l >= 1, got {tuple(input_ids.shape)}")
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            raise ValueError(
+                f"input_ids must lie in [0, vocab_size={self.config.vocab_size}), got values in [{lo}, {hi}]"
+            )
+
+    def forward(self, input_ids: Tensor, cache: MambaCache | None = None, num_last_tokens: int = 0) -> Tensor:
+        """Logits for every position (or the last ``num_last_tokens``).
+
+        Args:
+            input_ids: (b, l) integer token ids in [0, vocab_size).
+            cache: optional :class:`MambaCache` from :meth:`new_cache`; consumed and updated.
+            num_last_tokens: if > 0, return logits for the last this many positions only.
+        Returns:
+            logits (b, l, V_pad) float32 (V_pad = config.padded_vocab_size).
+        """
+        self.check_input_ids(input_ids)
+        if cache is not None:
+            if not isinstance(cache, MambaCache) or len(cache.layers) != len(self.backbone.layers):
+                raise ValueError("cache must be a MambaCache from this model's new_cache()")
+            if cache.batch_size != input_ids.shape[0]:
+                raise ValueError(
+                    f"cache holds batch size {cache.batch_size}, "
+                    f"input_ids has batch size {input_ids.shape[0]}"
+                )
+        hidden = self.backbone(input_ids, cache)  # (b, l, d)
+        if num_last_tokens > 0:
+            hidden = hidden[:, -num_last_tokens:]  # (b, k, d)
+        if cache is not None:
+            cache.seqlen_offset += input_ids.shape[1]
+        return self.lm_head(hidden.to(self.lm_head.weight.dtype)).float()  # (b, l, V_pad)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
+        eos_token_id: int | None = None,
+        generator: torch.Generator | None = None,
+        streamer=None,
+    ) -> Tensor:
+        """Autoregressive generation over the cache; see :func:`ssmkit.generate.generate`.
+
+        Returns:
+            (b, l + k) token ids, prompt included (k <= max_new_tokens; fewer when every row hit EOS).
+        """
+        from ssmkit.generate import generate
+
+        return generate(
+            self,
+            input_ids,
+            max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            repetition_penalty=repetition_penalty,
+            eos_token_id=eos_token_id,
+            generator=generator,
+            streamer=streamer,
+        )
+
+    # ------------------------------------------------------------------ checkpoints
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> MambaLM:
+        """Load a local folder in Hugging Face or mamba-ssm format (see ``ssmkit.models.checkpoint``)."""
+        from ssmkit.models.checkpoint import load_checkpoint
+
+        config, state_dict = load_checkpoint(path)
+        model = cls(config)
+        model.load_state_dict(state_dict, strict=True)
+        return model
+
+    def save_pretrained(self, path: str | Path, format: str = "hf") -> None:
+        """Write ``config.json`` + weights; ``format="hf"`` (model.safetensors, loads in transformers'
+        ``MambaForCausalLM``) or ``"mamba-ssm"`` (pytorch_model.bin, mamba-ssm's ``from_pretrained``)."""
+        from ssmkit.models.checkpoint import save_checkpoint
+
+        save_checkpoint(path, self.config, self.state_dict(), format=format)

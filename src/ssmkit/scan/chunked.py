@@ -1,0 +1,192 @@
+"""Chunked selective scan: pure PyTorch, any device, differentiable through autograd.
+
+Reference: Gu & Dao (2023), §3.2 Algorithm 2 and §3.3 (the scan is an associative recurrence, so it can be
+split into chunks whose partial results are combined); the two-level "blocked scan" of Blelloch (1990),
+§1.2. ``ssmkit.scan.reference`` is the slow twin this backend is tested against.
+
+Glossary (code -> paper), see ``ssmkit.scan`` for the full one:
+    x = Δ·u (b, d, l)       the discretised input (Euler for B: B̄_t u_t = Δ_t B_t u_t)
+    dA = exp(Δ·A)           Ā_t (b, d, n) per step (zero-order hold for A)
+    Bx = Δ·u·B              B̄_t u_t (b, d, n) per step
+    c                       chunk length (``chunk_size``); k indexes chunks
+    S_k                     the true state at the start of chunk k (b, d, n)
+
+The algorithm. Pad the sequence with identity steps (Δ = 0, so Ā = 1 and B̄u = 0: the last state is
+unchanged) to a multiple of c and cut it into chunks. All chunks then advance *together*, one position
+at a time, so a Python step works on (b, chunks, d, n) tensors instead of the reference's (b, d, n):
+
+    1. local pass   h ← Ā_t ⊙ h + B̄_t u_t from h = 0, for t = 1..c, in every chunk at once;
+                    h_end[k] is what chunk k adds to the state.
+    2. carry pass   S_{k+1} = exp(A · Σ_{t ∈ k} Δ_t) ⊙ S_k + h_end[k], sequential over chunks (cheap).
+    3. output pass  h ← Ā_t ⊙ h + B̄_t u_t again, now from h = S_k in every chunk, and y_t = C_t · h_t.
+
+Why not the segment-sum (SSD) matmul form of Mamba-2 (``reference/mamba.md`` §1.9)? There A is a scalar per
+head, so the intra-chunk decay exp(segsum(ΔA)) is a (c, c) matrix shared by all state entries. Here A is
+(d, n): the decay differs for every state entry n, so that form would need a (c, c, n) tensor per channel,
+i.e. c times more exponentials than the recurrence itself. The blocked recurrence does exactly the
+reference's arithmetic (each exponent is Δ_t·A or Σ Δ_t·A, never a difference of cumulative sums, never a
+growing positive number when Δ ≥ 0 and A ≤ 0) with about c·(1 + 1/chunks_per_block) times fewer Python
+steps, and keeps (b, d, n)-per-position tensors only for one block of ``chunk_size · chunks_per_block``
+positions at a time (never (b, d, l, n) for the whole sequence, except what autograd saves for backward).
+
+Accumulation is float32 (float64 when u is float64); bf16/fp16 inputs are accepted and upcast. The output is
+cast back to u's dtype; the last state stays in the accumulation dtype, like the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+CHUNK_SIZE = 32
+"""Default chunk length c: the number of sequential Python steps per pass and block."""
+
+_STEP_ELEMENTS = 1 << 18
+"""Target size (elements) of one step's (b, k, d, n) tensor when ``chunks_per_block`` is None: ~1 MiB."""
+
+
+def _bc_layout(M: Tensor, d: int) -> tuple[Tensor, int, bool]:
+    """B or C -> (tensor, groups G, varies_in_time).
+
+    (d, n) time-invariant -> ((d, n), d, False); (b, n, l) -> ((b, 1, n, l), 1, True);
+    (b, g, n, l) grouped -> ((b, g, n, l), g, True). Channel i belongs to group i // (d // G).
+    """
+    if M.dim() == 2:
+        return M, d, False  # (d, n)
+    if M.dim() == 3:
+        return M[:, None], 1, True  # (b, 1, n, l)
+    return M, M.shape[1], True  # (b, g, n, l)
+
+
+def _bc_block(M: Tensor, varies: bool, t0: int, k: int, c: int) -> Tensor:
+    """Positions [t0, t0 + k·c) of a variable B/C (b, G, n, l_pad) -> (c, b, k, G, n); invariant unchanged."""
+    if not varies:
+        return M  # (d, n)
+    bM, G, n, _ = M.shape
+    blk = M[..., t0 : t0 + k * c].reshape(bM, G, n, k, c)  # (b, G, n, k, c)
+    return blk.permute(4, 0, 3, 1, 2).contiguous()  # (c, b, k, G, n)
+
+
+def _times_b(x: Tensor, Bt: Tensor, varies: bool, G: int) -> Tensor:
+    """B̄_t u_t: x (b, k, d) = Δ·u at one step, times B_t (b, k, G, n) or B (d, n) -> (b, k, d, n)."""
+    if not varies:
+        return x[..., None] * Bt  # (b, k, d, n)
+    b, k, d = x.shape
+    xg = x.reshape(b, k, G, d // G, 1)  # (b, k, G, dg, 1)
+    return (xg * Bt[..., None, :]).reshape(b, k, d, Bt.shape[-1])  # (b, k, d, n)
+
+
+def _contract_c(h: Tensor, Ct: Tensor, varies: bool, G: int) -> Tensor:
+    """y_t = C_t · h_t: h (b, k, d, n) with C_t (b, k, G, n) or C (d, n) -> (b, k, d)."""
+    if not varies:
+        return (h * Ct).sum(-1)  # (b, k, d)
+    b, k, d, n = h.shape
+    hg = h.reshape(b, k, G, d // G, n)  # (b, k, G, dg, n)
+    return (hg @ Ct[..., None]).reshape(b, k, d)  # (b, k, G, dg, 1) -> (b, k, d)
+
+
+def selective_scan_chunked(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    z: Tensor | None,
+    delta_bias: Tensor | None,
+    delta_softplus: bool,
+    initial_state: Tensor | None,
+    *,
+    chunk_size: int = CHUNK_SIZE,
+    chunks_per_block: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Blocked selective scan; arguments as ``ssmkit.selective_scan`` (already validated there).
+
+    Args:
+        u, delta, z: (b, d, l).  A: (d, n).  B, C: (b, n, l) | (b, g, n, l) | (d, n).  D, delta_bias: (d,).
+        initial_state: (b, d, n) or None (zeros).
+        chunk_size: positions per chunk (c ≥ 1).  chunks_per_block: chunks advanced together (≥ 1);
+            None picks it so that one step's (b, chunks, d, n) tensor is about 1 MiB.
+    Returns:
+        out (b, d, l) in u's dtype; last_state (b, d, n) float32 (float64 for float64 u), differentiable.
+    """
+    if chunk_size < 1 or (chunks_per_block is not None and chunks_per_block < 1):
+        raise ValueError(
+            f"chunk_size and chunks_per_block must be >= 1, got {chunk_size} and {chunks_per_block}"
+        )
+    acc = torch.float64 if u.dtype == torch.float64 else torch.float32
+    b, d, l = u.shape
+    n = A.shape[1]
+    u_ = u.to(acc)  # (b, d, l)
+    dt = delta.to(acc)  # (b, d, l)
+    if delta_bias is not None:
+        dt = dt + delta_bias.to(acc)[None, :, None]
+    if delta_softplus:
+        dt = F.softplus(dt)
+    A_ = A.to(acc)  # (d, n)
+    Bm, GB, varB = _bc_layout(B.to(acc), d)
+    Cm, GC, varC = _bc_layout(C.to(acc), d)
+    state = (
+        torch.zeros(b, d, n, dtype=acc, device=u.device) if initial_state is None else initial_state.to(acc)
+    )  # (b, d, n)
+    if l == 0:
+        return u.new_zeros(b, d, 0), state
+
+    c = min(chunk_size, l)
+    nc = -(-l // c)  # number of chunks
+    pad = nc * c - l
+    x = dt * u_  # (b, d, l)
+    if pad:  # identity steps: Δ = 0 -> Ā = 1, B̄u = 0
+        dt = F.pad(dt, (0, pad))  # (b, d, l_pad)
+        x = F.pad(x, (0, pad))  # (b, d, l_pad)
+        if varB:
+            Bm = F.pad(Bm, (0, pad))  # (b, G, n, l_pad)
+        if varC:
+            Cm = F.pad(Cm, (0, pad))  # (b, G, n, l_pad)
+
+    if chunks_per_block is None:  # keep one step's (b, k, d, n) tensors about 1 MiB: cache-resident
+        chunks_per_block = max(1, _STEP_ELEMENTS // max(1, b * d * n))
+    A_ = A_[None, None]  # (1, 1, d, n)
+    ys = []
+    for k0 in range(0, nc, chunks_per_block):
+        k = min(chunks_per_block, nc - k0)  # chunks in this block
+        t0 = k0 * c
+        dt_b = dt[..., t0 : t0 + k * c].reshape(b, d, k, c).permute(3, 0, 2, 1).contiguous()  # (c, b, k, d)
+        x_b = x[..., t0 : t0 + k * c].reshape(b, d, k, c).permute(3, 0, 2, 1).contiguous()  # (c, b, k, d)
+        B_b = _bc_block(Bm, varB, t0, k, c)  # (c, b, k, G, n) or (d, n)
+        C_b = _bc_block(Cm, varC, t0, k, c)  # (c, b, k, G, n) or (d, n)
+
+        # 1. local pass: what each chunk adds to the state, starting from zero. Ā_t and B̄_t u_t are kept
+        #    (one block's worth) for the output pass.
+        dAs, Bxs = [], []
+        h = None
+        for t in range(c):
+            dA = torch.exp(dt_b[t, ..., None] * A_)  # (b, k, d, n)
+            Bx = _times_b(x_b[t], B_b[t] if varB else B_b, varB, GB)  # (b, k, d, n)
+            h = Bx if h is None else torch.addcmul(Bx, dA, h)  # (b, k, d, n)
+            dAs.append(dA)
+            Bxs.append(Bx)
+        h_end = h  # (b, k, d, n)
+
+        # 2. carry pass: the true state at the start of every chunk of the block.
+        decay = torch.exp(dt_b.sum(0)[..., None] * A_)  # (b, k, d, n)
+        starts = []
+        for j in range(k):
+            starts.append(state)
+            state = torch.addcmul(h_end[:, j], decay[:, j], state)  # (b, d, n)
+        h = torch.stack(starts, dim=1)  # (b, k, d, n)
+
+        # 3. output pass: the recurrence again from the true chunk-start states; y_t = C_t · h_t.
+        y_b = []
+        for t in range(c):
+            h = torch.addcmul(Bxs[t], dAs[t], h)  # (b, k, d, n)
+            y_b.append(_contract_c(h, C_b[t] if varC else C_b, varC, GC))  # (b, k, d)
+        ys.append(torch.stack(y_b, dim=-1).permute(0, 2, 1, 3).reshape(b, d, k * c))  # (b, d, k·c)
+
+    y = torch.cat(ys, dim=-1)[..., :l]  # (b, d, l)
+    if D is not None:
+        y = y + D.to(acc)[None, :, None] * u_
+    if z is not None:
+        y = y * F.silu(z.to(acc))
+    return y.to(u.dtype), state

@@ -1,0 +1,68 @@
+"""Evaluation on fixed validation sets, streaming long sequences through the model's recurrent state.
+
+For a sequence longer than ``chunk_size`` we call ``model(x[:, s:e], state=state, return_state=True)``
+chunk after chunk, scoring only the targets inside each chunk, so memory is O(b · chunk) whatever the
+length (2^20 tokens on a laptop). The result equals one full forward pass up to float round-off (tested
+in the model's own tests: chunked forward == full forward).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ssmkit.tasks.base import Batch, masked_loss_sums
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    data: Batch,
+    batch_size: int = 64,
+    chunk_size: int | None = None,
+    device: torch.device | str = "cpu",
+    autocast_bf16: bool = False,
+) -> dict:
+    """Mean loss and accuracy over the scored positions of ``data``.
+
+    Args:
+        model: ``model(ids) -> logits (b, l, V)``; with ``chunk_size`` it must also accept
+            ``state=``/``return_state=True`` and provide ``new_state(batch)``.
+        data: inputs/targets (n, l).
+        batch_size: examples per forward pass.
+        chunk_size: stream sequences longer than this in chunks of this many tokens (None: never).
+    Returns:
+        {"loss": float, "acc": float, "n": int (scored positions)}.
+    """
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
+    was_training = model.training
+    model.eval()
+    dev = torch.device(device)
+    loss_sum, correct, count = 0.0, 0, 0
+    n, l = data.inputs.shape
+    try:
+        for i in range(0, n, batch_size):
+            x = data.inputs[i : i + batch_size]  # (b, l)
+            y = data.targets[i : i + batch_size]  # (b, l)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast_bf16):
+                if chunk_size is None or l <= chunk_size:
+                    spans = [(0, l)]
+                    state = None
+                else:
+                    spans = [(s, min(s + chunk_size, l)) for s in range(0, l, chunk_size)]
+                    state = model.new_state(x.shape[0])
+                for s, e in spans:
+                    xs = x[:, s:e].to(dev)  # (b, c)
+                    if state is None:
+                        logits = model(xs)  # (b, c, V)
+                    else:
+                        logits, state = model(xs, state=state, return_state=True)  # (b, c, V)
+                    ls, c, k = masked_loss_sums(logits, y[:, s:e].to(dev))
+                    loss_sum += ls.item()
+                    correct += int(c.item())
+                    count += int(k.item())
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("data has no scored positions (all targets are IGNORE)")
+    return {"loss": loss_sum / count, "acc": correct / count, "n": count}

@@ -1,0 +1,211 @@
+"""Sampling rules on hand-made logits, and the decode loop (greedy, seeds, EOS, streaming, batches)."""
+
+import math
+
+import pytest
+import torch
+
+from ssmkit import MambaConfig, MambaLM
+from ssmkit.generate import (
+    apply_repetition_penalty,
+    filter_min_p,
+    filter_top_k,
+    filter_top_p,
+    generate,
+    process_logits,
+    sample_next,
+)
+
+NEG = float("-inf")
+
+
+def kept(logits: torch.Tensor) -> list[int]:
+    return torch.nonzero(torch.isfinite(logits[0])).flatten().tolist()
+
+
+def log_probs(*p):
+    return torch.tensor([[math.log(x) for x in p]])
+
+
+# ------------------------------------------------------------------------------ logit processors
+def test_top_k():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 5.0, 4.0]])
+    assert kept(filter_top_k(logits, 2)) == [3, 4]
+    assert kept(filter_top_k(logits, 1)) == [3]
+    assert kept(filter_top_k(logits, 0)) == [0, 1, 2, 3, 4]
+    assert kept(filter_top_k(logits, 9)) == [0, 1, 2, 3, 4]
+    torch.testing.assert_close(filter_top_k(logits, 2)[0, 3:], logits[0, 3:])  # kept values unchanged
+
+
+@pytest.mark.parametrize(
+    "p,expected",
+    [(0.4, [0]), (0.5, [0]), (0.75, [0, 1]), (0.85, [0, 1, 2]), (0.99, [0, 1, 2, 3]), (1.0, [0, 1, 2, 3])],
+)
+def test_top_p(p, expected):
+    # probabilities 0.5, 0.3, 0.15, 0.05 at shuffled positions 1, 3, 0, 2 (checks the un-sorting)
+    logits = log_probs(0.15, 0.5, 0.05, 0.3)
+    rank_to_pos = [1, 3, 0, 2]
+    expected_positions = sorted(rank_to_pos[r] for r in expected)
+    assert kept(filter_top_p(logits, p)) == expected_positions
+
+
+@pytest.mark.parametrize(
+    "min_p,expected", [(0.0, [0, 1, 2, 3]), (0.05, [0, 1, 2, 3]), (0.25, [0, 1, 2]), (0.7, [0])]
+)
+def test_min_p(min_p, expected):
+    logits = log_probs(0.5, 0.3, 0.15, 0.05)  # threshold = min_p * 0.5
+    assert kept(filter_min_p(logits, min_p)) == expected
+
+
+def test_min_p_is_relative_to_the_max_probability_per_row():
+    logits = torch.cat([log_probs(0.5, 0.3, 0.15, 0.05), log_probs(0.05, 0.15, 0.3, 0.5)])
+    out = filter_min_p(logits, 0.5)  # keep p >= 0.25
+    assert torch.isfinite(out).tolist() == [[True, True, False, False], [False, False, True, True]]
+
+
+def test_repetition_penalty_hf_rule():
+    logits = torch.tensor([[2.0, -2.0, 1.0, 0.5, -1.0]])
+    seen = torch.tensor([[0, 1, 1, 3]])  # repeats count once
+    out = apply_repetition_penalty(logits, seen, 2.0)
+    torch.testing.assert_close(out, torch.tensor([[1.0, -4.0, 1.0, 0.25, -1.0]]))
+    torch.testing.assert_close(apply_repetition_penalty(logits, seen, 1.0), logits)
+
+
+def test_penalty_changes_greedy_choice():
+    logits = torch.tensor([[3.0, 2.0, 0.0]])
+    seen = torch.tensor([[0]])
+    assert sample_next(logits, seen, temperature=0).item() == 0
+    assert sample_next(logits, seen, temperature=0, repetition_penalty=2.0).item() == 1  # 3/2 < 2
+
+
+def test_temperature_scales_logits_before_filters():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    seen = torch.zeros(1, 0, dtype=torch.long)
+    torch.testing.assert_close(process_logits(logits, seen, temperature=0.5), logits / 0.5)
+    # with T = 10 the distribution flattens, so top-p 0.6 keeps more tokens than at T = 1
+    assert len(kept(process_logits(logits, seen, temperature=1.0, top_p=0.6))) == 1
+    assert len(kept(process_logits(logits, seen, temperature=10.0, top_p=0.6))) == 3
+
+
+def test_sampling_frequencies_follow_softmax():
+    logits = torch.tensor([1.0, 0.0, -0.5, 2.0])
+    n = 20000
+    g = torch.Generator().manual_seed(0)
+    draws = sample_next(
+        logits.expand(n, 4), torch.zeros(n, 0, dtype=torch.long), temperature=0.7, generator=g
+    )
+    freq = torch.bincount(draws, minlength=4).double() / n
+    expected = torch.softmax(logits.double() / 0.7, -1)
+    torch.testing.assert_close(freq, expected, rtol=0, atol=0.015)
+    draws_k = sample_next(logits.expand(n, 4), torch.zeros(n, 0, dtype=torch.long), top_k=2, generator=g)
+    assert set(draws_k.tolist()) == {0, 3}
+
+
+# ------------------------------------------------------------------------------ decode loop
+class ScriptedLM:
+    """A stand-in model whose next token is scripted per row and step (independent of the real model)."""
+
+    def __init__(self, script: list[list[int]], vocab: int = 10):
+        self.script = script  # [row][step]
+        self.config = MambaConfig(d_model=4, n_layer=1, vocab_size=vocab)
+        self.calls = []
+
+    def check_input_ids(self, ids):
+        assert ids.dtype == torch.long
+
+    def new_cache(self, b):
+        return {"step": 0}
+
+    def __call__(self, ids, cache, num_last_tokens=0):
+        self.calls.append(ids.shape[1])
+        step = cache["step"]
+        cache["step"] += 1
+        logits = torch.zeros(ids.shape[0], 1, self.config.padded_vocab_size)
+        for r, row in enumerate(self.script):
+            logits[r, 0, row[step]] = 10.0
+        return logits
+
+
+def test_eos_rows_keep_emitting_eos_and_loop_stops_when_all_done():
+    eos = 9
+    lm = ScriptedLM([[1, 9, 2, 3, 4, 5], [1, 2, 3, 9, 7, 7]])
+    streamed = []
+    out = generate(
+        lm, torch.tensor([[5, 5], [6, 6]]), 6, temperature=0, eos_token_id=eos, streamer=streamed.append
+    )
+    assert out.tolist() == [[5, 5, 1, 9, 9, 9], [6, 6, 1, 2, 3, 9]]
+    assert lm.calls == [2, 1, 1, 1]  # prefill then one token per step; stopped after the 4th token
+    torch.testing.assert_close(torch.stack(streamed, 1), out[:, 2:])
+
+
+def test_without_eos_generates_exactly_max_new_tokens():
+    lm = ScriptedLM([[3] * 8])
+    out = generate(lm, torch.tensor([[1]]), 5, temperature=0)
+    assert out.tolist() == [[1, 3, 3, 3, 3, 3]]
+    assert generate(lm, torch.tensor([[1]]), 0).tolist() == [[1]]
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return MambaLM(MambaConfig(d_model=32, n_layer=2, vocab_size=100)).eval()
+
+
+def test_greedy_matches_uncached_argmax_loop(model):
+    ids = torch.randint(0, 100, (2, 6), generator=torch.Generator().manual_seed(1))
+    out = model.generate(ids, 8, temperature=0)
+    seq = ids
+    with torch.no_grad():
+        for _ in range(8):
+            nxt = model(seq)[:, -1, :100].argmax(-1)
+            seq = torch.cat([seq, nxt[:, None]], 1)
+    torch.testing.assert_close(out, seq, rtol=0, atol=0)
+
+
+def test_batch_equals_rows(model):
+    ids = torch.randint(0, 100, (3, 5), generator=torch.Generator().manual_seed(2))
+    out = model.generate(ids, 6, temperature=0)
+    rows = torch.cat([model.generate(ids[i : i + 1], 6, temperature=0) for i in range(3)])
+    torch.testing.assert_close(out, rows, rtol=0, atol=0)
+
+
+def test_seeded_sampling_is_reproducible(model):
+    ids = torch.randint(0, 100, (2, 4), generator=torch.Generator().manual_seed(3))
+    kw = dict(temperature=1.3, top_k=20, top_p=0.95, min_p=0.01, repetition_penalty=1.2)
+    a = model.generate(ids, 12, generator=torch.Generator().manual_seed(7), **kw)
+    b = model.generate(ids, 12, generator=torch.Generator().manual_seed(7), **kw)
+    c = model.generate(ids, 12, generator=torch.Generator().manual_seed(8), **kw)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.equal(a, c)
+
+
+def test_padded_vocab_rows_are_never_generated():
+    torch.manual_seed(4)
+    lm = MambaLM(MambaConfig(d_model=16, n_layer=1, vocab_size=100, tie_embeddings=False)).eval()
+    with torch.no_grad():
+        lm.lm_head.weight[100:] = 50.0  # rows 100..103 exist only for padding; make them dominate
+    out = lm.generate(torch.tensor([[1, 2]]), 10, temperature=0)
+    assert out[:, 2:].max() < 100
+    out = lm.generate(torch.tensor([[1, 2]]), 10, temperature=5.0, generator=torch.Generator().manual_seed(0))
+    assert out[:, 2:].max() < 100
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(temperature=-1.0), "temperature"),
+        (dict(top_k=-1), "top_k"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(min_p=1.5), "min_p"),
+        (dict(repetition_penalty=0.0), "repetition_penalty"),
+        (dict(eos_token_id=100), "eos_token_id"),
+        (dict(max_new_tokens=-1), "max_new_tokens"),
+    ],
+)
+def test_bad_arguments(model, kwargs, match):
+    args = dict(max_new_tokens=3)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        model.generate(torch.tensor([[1, 2]]), **args)
+    with pytest.raises(ValueError, match="vocab_size"):
+        model.generate(torch.tensor([[1, 200]]), 3)

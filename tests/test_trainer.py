@@ -1,0 +1,132 @@
+"""Trainer: schedules against closed forms, atomic checkpoint round trip, resume bit for bit
+(2N steps == N steps, interrupt by SIGINT, save, resume, N steps), metrics/plot outputs."""
+
+import json
+import math
+import os
+import signal
+
+import pytest
+import torch
+from torch import nn
+
+from ssmkit.tasks import Copying, CopyingConfig, SelectiveCopying, SelectiveCopyingConfig
+from ssmkit.train.checkpoint import read_checkpoint
+from ssmkit.train.schedule import lr_factor
+from ssmkit.train.trainer import TrainConfig, train
+
+
+class ToyLM(nn.Module):
+    """Embedding -> causal running mean + causal conv -> linear head: tiny, deterministic, causal."""
+
+    def __init__(self, vocab: int, d: int = 16, interrupt_at_call: int | None = None):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.conv = nn.Conv1d(d, d, 4, padding=3)
+        self.head = nn.Linear(2 * d, vocab)
+        self.calls = 0
+        self.interrupt_at_call = interrupt_at_call
+
+    def forward(self, ids):
+        self.calls += 1
+        if self.training and self.calls == self.interrupt_at_call:
+            os.kill(os.getpid(), signal.SIGINT)  # as if the user pressed Ctrl-C during this step
+        h = self.emb(ids)  # (b, l, d)
+        l = ids.shape[1]
+        mean = h.cumsum(1) / torch.arange(1, l + 1).view(1, l, 1)  # (b, l, d)
+        c = self.conv(h.transpose(1, 2))[..., :l].transpose(1, 2)  # (b, l, d)
+        return self.head(torch.cat([mean, torch.tanh(c)], -1))  # (b, l, V)
+
+
+def test_lr_factor_closed_forms():
+    assert lr_factor(0, "constant", 4, 100) == pytest.approx(0.25)
+    assert lr_factor(3, "constant", 4, 100) == pytest.approx(1.0)
+    assert lr_factor(50, "constant", 0, 100) == 1.0
+    assert lr_factor(0, "cosine", 0, 100, 0.0) == pytest.approx(1.0)
+    assert lr_factor(50, "cosine", 0, 100, 0.0) == pytest.approx(0.5)
+    assert lr_factor(100, "cosine", 0, 100, 0.1) == pytest.approx(0.1)
+    w, s, r, t = 10, 110, 0.2, 35
+    assert lr_factor(t, "cosine", w, s, r) == pytest.approx(r + (1 - r) * 0.5 * (1 + math.cos(math.pi * 25 / 100)))
+    with pytest.raises(ValueError, match="schedule"):
+        lr_factor(0, "linear", 0, 10)
+
+
+def _cfg(steps, **kw):
+    base = dict(steps=steps, batch_size=8, lr=3e-3, schedule="cosine", warmup_steps=3, eval_every=0,
+                eval_examples=16, log_every=1, ckpt_every=0, device="cpu", progress=False, weight_decay=0.1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_resume_is_bit_identical(tmp_path):
+    task = SelectiveCopying(SelectiveCopyingConfig(seq_len=24, n_tokens=4, vocab_size=8, seed=1))
+    n = 6
+    torch.manual_seed(0)
+    full_model = ToyLM(8)
+    full = train(full_model, task, _cfg(2 * n), tmp_path / "full")
+    assert full.step == 2 * n and not full.interrupted and len(full.losses) == 2 * n
+
+    torch.manual_seed(0)
+    first = ToyLM(8, interrupt_at_call=n)  # SIGINT arrives during step n; the trainer stops after it
+    r1 = train(first, task, _cfg(2 * n), tmp_path / "split")
+    assert r1.interrupted and r1.step == n
+    torch.manual_seed(123)  # a different init and RNG state: everything must come from the checkpoint
+    second = ToyLM(8)
+    torch.rand(7)
+    r2 = train(second, task, _cfg(2 * n), tmp_path / "split", resume=r1.checkpoint)
+    assert r2.step == 2 * n and not r2.interrupted
+    assert r1.losses + r2.losses == full.losses  # exact equality, step by step
+    for (k, a), (_, b) in zip(full_model.state_dict().items(), second.state_dict().items()):
+        assert torch.equal(a, b), k
+    _, header = read_checkpoint(tmp_path / "split" / "checkpoint.safetensors")
+    assert header["step"] == 2 * n
+    # metrics.jsonl has each train step exactly once after the resume
+    steps = [json.loads(x)["step"] for x in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(x)["event"] == "train"]
+    assert steps == list(range(1, 2 * n + 1))
+
+
+def test_outputs_and_learning(tmp_path):
+    task = Copying(CopyingConfig(seq_len=8, n_tokens=2, vocab_size=6, seed=0))
+    torch.manual_seed(0)
+    res = train(ToyLM(6, d=32), task, _cfg(60, lr=1e-2, eval_every=30, eval_lengths=[8, 12], log_every=5),
+                tmp_path)
+    recs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in recs if r["event"] == "eval"]
+    assert {(r["step"], r["length"]) for r in evals} == {(30, 8), (30, 12), (60, 8), (60, 12)}
+    assert (tmp_path / "learning_curve.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "summary.json").read_text())["step"] == 60
+    assert res.losses[-1] < res.losses[0]  # it trains
+    assert set(res.final_eval) == {8, 12}
+    assert not list(tmp_path.glob("*.tmp"))  # atomic writes leave no temporaries
+
+
+def test_checkpoint_restores_optimizer_and_rng(tmp_path):
+    from ssmkit.train.checkpoint import restore, save_checkpoint
+
+    torch.manual_seed(0)
+    m = ToyLM(5)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    m(torch.randint(0, 5, (2, 6))).sum().backward()
+    opt.step()
+    save_checkpoint(tmp_path / "c.safetensors", m, opt, 17, {"note": "x"})
+    expected_next = torch.rand(3)
+    m2 = ToyLM(5)
+    opt2 = torch.optim.AdamW(m2.parameters(), lr=1e-3)
+    tensors, header = read_checkpoint(tmp_path / "c.safetensors")
+    assert restore(tensors, header, m2, opt2) == 17 and header["note"] == "x"
+    torch.testing.assert_close(torch.rand(3), expected_next, rtol=0, atol=0)
+    for p, q in zip(opt.state.values(), opt2.state.values()):
+        torch.testing.assert_close(p["exp_avg_sq"], q["exp_avg_sq"], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="not an ssmkit"):
+        from safetensors.torch import save_file
+
+        save_file({"x": torch.zeros(1)}, tmp_path / "other.safetensors")
+        read_checkpoint(tmp_path / "other.safetensors")
+
+
+def test_bad_config():
+    with pytest.raises(ValueError, match="schedule"):
+        TrainConfig(schedule="step")
+    with pytest.raises(ValueError, match="steps"):
+        TrainConfig(steps=0)
