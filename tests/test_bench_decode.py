@@ -5,7 +5,6 @@ import csv
 import json
 
 import pytest
-import torch
 
 from ssmkit.bench.decode import (
     DecodeBenchConfig,
@@ -60,7 +59,10 @@ def test_run_writes_table_csv_json_png(tmp_path, capsys):
     cfg = DecodeBenchConfig(contexts=[8, 24], **TINY)
     rows, files = run_decode_bench(cfg, tmp_path, show_progress=False)
     assert [(r.model, r.context) for r in rows] == [
-        ("mamba", 8), ("transformer", 8), ("mamba", 24), ("transformer", 24)
+        ("mamba", 8),
+        ("transformer", 8),
+        ("mamba", 24),
+        ("transformer", 24),
     ]
     assert sorted(f.name for f in files) == ["decode.csv", "decode.json", "decode.png"]
     with open(tmp_path / "decode.csv") as fh:
@@ -75,9 +77,31 @@ def test_run_writes_table_csv_json_png(tmp_path, capsys):
 def test_cli_bench_decode(tmp_path, capsys):
     from ssmkit.cli import main
 
-    rc = main(["bench", "decode", "--contexts", "4,12", "--d-model", "32", "--n-layer", "1", "--n-head", "2",
-               "--d-state", "4", "--vocab-size", "64", "--decode-steps", "2", "--prefill-chunk", "8",
-               "--out", str(tmp_path / "b"), "--no-progress"])
+    rc = main(
+        [
+            "bench",
+            "decode",
+            "--contexts",
+            "4,12",
+            "--d-model",
+            "32",
+            "--n-layer",
+            "1",
+            "--n-head",
+            "2",
+            "--d-state",
+            "4",
+            "--vocab-size",
+            "64",
+            "--decode-steps",
+            "2",
+            "--prefill-chunk",
+            "8",
+            "--out",
+            str(tmp_path / "b"),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     assert (tmp_path / "b" / "decode.png").exists()
     out = capsys.readouterr().out

@@ -177,7 +177,9 @@ def test_unsupported_mamba_ssm_configs(tmp_path, change, match):
 
 def test_hf_config_consistency_checks():
     good = checkpoint.config_to_hf(MambaConfig(d_model=16, n_layer=1, vocab_size=64))
-    assert checkpoint.config_from_hf(good) == MambaConfig(d_model=16, n_layer=1, vocab_size=64, dt_rank=1)
+    assert checkpoint.config_from_hf(good) == MambaConfig(d_model=16, n_layer=1, vocab_size=64)
+    explicit = checkpoint.config_from_hf({**good, "time_step_rank": 3})
+    assert explicit.dt_rank == 3
     with pytest.raises(ValueError, match="intermediate_size"):
         checkpoint.config_from_hf({**good, "intermediate_size": 33})
     with pytest.raises(ValueError, match="hidden_act"):
@@ -214,3 +216,36 @@ def test_missing_files(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(checkpoint.config_to_hf(make().config)))
     with pytest.raises(FileNotFoundError, match="no weights"):
         MambaLM.from_pretrained(tmp_path)
+
+
+def test_released_style_configs_load_without_warnings(tmp_path):
+    """Config layouts of the released checkpoints (reference/mamba.md §1.5, §2.1) map without warnings."""
+    model = make(vocab_size=64)
+    hf_dir, ssm_dir = tmp_path / "hf", tmp_path / "ssm"
+    model.save_pretrained(hf_dir)
+    model.save_pretrained(ssm_dir, format="mamba-ssm")
+    hf_released = {  # state-spaces/mamba-*-hf layout, legacy mamba-ssm keys included
+        "architectures": ["MambaForCausalLM"], "bos_token_id": 0, "conv_kernel": 4, "d_inner": 32,
+        "d_model": 16, "eos_token_id": 0, "expand": 2, "fused_add_norm": True, "hidden_act": "silu",
+        "hidden_size": 16, "initializer_range": 0.1, "intermediate_size": 32, "layer_norm_epsilon": 1e-05,
+        "model_type": "mamba", "n_layer": 2, "num_hidden_layers": 2, "pad_token_id": 0,
+        "pad_vocab_size_multiple": 8, "rescale_prenorm_residual": False, "residual_in_fp32": True,
+        "rms_norm": True, "ssm_cfg": {}, "state_size": 4, "time_step_floor": 0.0001,
+        "time_step_init_scheme": "random", "time_step_max": 0.1, "time_step_min": 0.001, "time_step_rank": 1,
+        "time_step_scale": 1.0, "torch_dtype": "float32", "transformers_version": "4.39.0.dev0",
+        "use_bias": False, "use_cache": True, "use_conv_bias": True, "vocab_size": 64,
+    }  # fmt: skip
+    ssm_released = {  # state-spaces/mamba-* layout (d_state etc. default in ssm_cfg)
+        "d_model": 16, "n_layer": 2, "vocab_size": 64, "ssm_cfg": {"d_state": 4}, "rms_norm": True,
+        "residual_in_fp32": True, "fused_add_norm": True, "pad_vocab_size_multiple": 8,
+    }  # fmt: skip
+    (hf_dir / "config.json").write_text(json.dumps(hf_released))
+    (ssm_dir / "config.json").write_text(json.dumps(ssm_released))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for folder in (hf_dir, ssm_dir):
+            loaded = MambaLM.from_pretrained(folder)
+            assert loaded.config == model.config
+            assert_same_weights(model, loaded)

@@ -167,7 +167,9 @@ def test_default_corpus_is_the_stdlib(tmp_path):
     names = {f.name for f in files}
     assert "os.py" in names and "functools.py" in names
     assert not any("site-packages" in f.parts or "test" in f.parts for f in files)
-    corpus = TokenCorpus.build(Bytes(), tmp_path / "c", None, val_fraction=0.1, max_bytes=50_000, verbose=False)
+    corpus = TokenCorpus.build(
+        Bytes(), tmp_path / "c", None, val_fraction=0.1, max_bytes=50_000, verbose=False
+    )
     assert corpus.meta.source.startswith("stdlib:")
     assert corpus.meta.train_bytes + corpus.meta.val_bytes <= 50_000
     assert corpus.meta.truncated

@@ -61,8 +61,18 @@ def test_tiny_lm_learns_repetitive_text(task, kind, tmp_path):
         model = MambaLM(MambaConfig(d_model=32, n_layer=2, vocab_size=256, d_state=8))
     else:
         model = TransformerLM(TransformerConfig(d_model=32, n_layer=2, vocab_size=256, n_head=2, d_mlp=64))
-    cfg = TrainConfig(steps=40, batch_size=16, lr=1e-2, warmup_steps=5, eval_every=20, eval_examples=8,
-                      log_every=5, ckpt_every=0, device="cpu", progress=False)
+    cfg = TrainConfig(
+        steps=40,
+        batch_size=16,
+        lr=1e-2,
+        warmup_steps=5,
+        eval_every=20,
+        eval_examples=8,
+        log_every=5,
+        ckpt_every=0,
+        device="cpu",
+        progress=False,
+    )
     result = train(model, task, cfg, tmp_path / "run")
     curve = bpb_curve(tmp_path / "run" / "metrics.jsonl", task)
     assert [c["step"] for c in curve] == [20, 40]

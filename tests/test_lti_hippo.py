@@ -95,7 +95,12 @@ def test_nplr_reconstructs_A(measure, n):
     """A = V_full (diag(Λ_full) − P̃_full P̃_full*) V_full*, completed with conjugates here in numpy."""
     Lambda, P, B, V = (t.numpy() for t in nplr(measure, n))
     r = 2 if measure == "legt" else 1
-    assert Lambda.shape == (n // 2,) and P.shape == (r, n // 2) and B.shape == (n // 2,) and V.shape == (n, n // 2)
+    assert (
+        Lambda.shape == (n // 2,)
+        and P.shape == (r, n // 2)
+        and B.shape == (n // 2,)
+        and V.shape == (n, n // 2)
+    )
     assert (Lambda.imag <= 1e-12).all()
     Lf = np.concatenate([Lambda, Lambda.conj()])
     Pf = np.concatenate([P, P.conj()], axis=1)  # (r, n)
@@ -109,7 +114,9 @@ def test_nplr_reconstructs_A(measure, n):
     Bf = np.concatenate([B, B.conj()])
     np.testing.assert_allclose((Vf @ Bf).real, B_ref[:, 0], atol=1e-9)
     # The library's own rebuild agrees.
-    np.testing.assert_allclose(nplr_to_dense(*(torch.from_numpy(x) for x in (Lambda, P, V))).numpy(), A_ref, atol=1e-6)
+    np.testing.assert_allclose(
+        nplr_to_dense(*(torch.from_numpy(x) for x in (Lambda, P, V))).numpy(), A_ref, atol=1e-6
+    )
 
 
 def test_nplr_legs_eigenvalues_match_numpy():
@@ -123,7 +130,9 @@ def test_nplr_legs_eigenvalues_match_numpy():
     np.testing.assert_allclose(np.sort(Lambda.imag), np.sort(ev.imag), rtol=1e-8)
     np.testing.assert_allclose(Lambda.real, -0.5, atol=1e-12)
     # reference/s4.md §1.2: the positive imaginary parts run 0.264, 0.906, ..., 433.0, 1303.3 for N = 64
-    np.testing.assert_allclose(np.sort(-Lambda.imag)[[0, 1, -2, -1]], [0.264, 0.906, 433.0, 1303.3], atol=0.06)
+    np.testing.assert_allclose(
+        np.sort(-Lambda.imag)[[0, 1, -2, -1]], [0.264, 0.906, 433.0, 1303.3], atol=0.06
+    )
 
 
 def test_nplr_bad_input():

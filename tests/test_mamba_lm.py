@@ -187,3 +187,23 @@ def test_config_from_dict_warns_on_unknown_fields():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert MambaConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu():
+    torch.manual_seed(5)
+    model = MambaLM(small()).eval()
+    ids = torch.randint(0, 100, (2, 12))
+    with torch.no_grad():
+        expected = model(ids)
+        gpu = model.cuda()
+        full = gpu(ids.cuda())
+        cache = gpu.new_cache(2)
+        parts = [gpu(ids[:, :5].cuda(), cache=cache), gpu(ids[:, 5:].cuda(), cache=cache)]
+    torch.testing.assert_close(full.cpu(), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.cat(parts, 1).cpu(), expected, rtol=1e-4, atol=1e-4)
+    out = gpu.generate(
+        ids.cuda(), 5, temperature=0.8, generator=torch.Generator(device="cuda").manual_seed(0)
+    )
+    assert out.shape == (2, 17) and out.device.type == "cuda"

@@ -68,7 +68,15 @@ class DecodeBenchConfig:
     def __post_init__(self) -> None:
         if not self.contexts or any(not isinstance(c, int) or c < 1 for c in self.contexts):
             raise ValueError(f"contexts must be a non-empty list of positive ints, got {self.contexts!r}")
-        for name in ("d_model", "n_layer", "n_head", "d_state", "vocab_size", "decode_steps", "prefill_chunk"):
+        for name in (
+            "d_model",
+            "n_layer",
+            "n_head",
+            "d_state",
+            "vocab_size",
+            "decode_steps",
+            "prefill_chunk",
+        ):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -76,7 +84,9 @@ class DecodeBenchConfig:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_head={self.n_head}")
         bad = sorted(set(self.models) - {"mamba", "transformer"})
         if bad or not self.models:
-            raise ValueError(f"models must be a non-empty subset of ['mamba', 'transformer'], got {self.models}")
+            raise ValueError(
+                f"models must be a non-empty subset of ['mamba', 'transformer'], got {self.models}"
+            )
 
 
 @dataclass
@@ -133,7 +143,9 @@ def matched_transformer_config(mamba_cfg: MambaConfig, n_head: int) -> Transform
 def build_models(cfg: DecodeBenchConfig) -> dict[str, nn.Module]:
     """The two random-weight models of ``cfg``, in eval mode on ``cfg.device``."""
     torch.manual_seed(cfg.seed)
-    mcfg = MambaConfig(d_model=cfg.d_model, n_layer=cfg.n_layer, vocab_size=cfg.vocab_size, d_state=cfg.d_state)
+    mcfg = MambaConfig(
+        d_model=cfg.d_model, n_layer=cfg.n_layer, vocab_size=cfg.vocab_size, d_state=cfg.d_state
+    )
     tcfg = matched_transformer_config(mcfg, cfg.n_head)
     out = {}
     with torch.device(cfg.device):  # build (and initialise) directly on the device
@@ -230,7 +242,10 @@ def run_decode_bench(cfg: DecodeBenchConfig, out_dir: Path | None = None, show_p
 
 def format_table(rows: list[DecodeRow]) -> str:
     """A fixed-width text table of the rows."""
-    head = f"{'model':<12} {'context':>8} {'params':>11} {'prefill s':>10} {'ms/token':>9} {'(mean)':>8} {'state':>11}"
+    head = (
+        f"{'model':<12} {'context':>8} {'params':>11} {'prefill s':>10} {'ms/token':>9} {'(mean)':>8} "
+        f"{'state':>11}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(

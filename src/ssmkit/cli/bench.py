@@ -1,4 +1,4 @@
-"""`ssmkit bench`: measurements. ``ssmkit bench decode`` times generation vs context (Mamba vs Transformer)."""
+"""`ssmkit bench`: measurements. ``ssmkit bench decode``: generation cost vs context, Mamba vs Transformer."""
 
 import time
 from pathlib import Path
@@ -28,8 +28,12 @@ def add_parser(sub) -> None:
         "ms/token) and report the cache bytes held per sequence. Writes decode.csv, decode.json and "
         "decode.png to OUT.",
     )
-    d.add_argument("--contexts", type=_int_list, default=[1024, 4096, 16384, 65536],
-                   help="comma-separated context lengths (default: 1024,4096,16384,65536)")
+    d.add_argument(
+        "--contexts",
+        type=_int_list,
+        default=[1024, 4096, 16384, 65536],
+        help="comma-separated context lengths (default: 1024,4096,16384,65536)",
+    )
     d.add_argument("--d-model", type=int, default=256, help="width D of both models (default: 256)")
     d.add_argument("--n-layer", type=int, default=4, help="depth of both models (default: 4)")
     d.add_argument("--n-head", type=int, default=4, help="Transformer attention heads (default: 4)")
@@ -37,12 +41,17 @@ def add_parser(sub) -> None:
     d.add_argument("--vocab-size", type=int, default=256, help="vocabulary size (default: 256)")
     d.add_argument("--decode-steps", type=int, default=64, help="timed decode steps (default: 64)")
     d.add_argument("--prefill-chunk", type=int, default=1024, help="tokens per prefill call (default: 1024)")
-    d.add_argument("--models", default="mamba,transformer",
-                   help="comma-separated subset of mamba,transformer (default: both)")
+    d.add_argument(
+        "--models",
+        default="mamba,transformer",
+        help="comma-separated subset of mamba,transformer (default: both)",
+    )
     d.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     d.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     d.add_argument("--seed", type=int, default=0, help="seed of weights and context tokens (default: 0)")
-    d.add_argument("--out", type=Path, default=None, help="output folder (default: ./ssmkit-out/bench-decode-<time>)")
+    d.add_argument(
+        "--out", type=Path, default=None, help="output folder (default: ./ssmkit-out/bench-decode-<time>)"
+    )
     d.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     d.set_defaults(func=_run_decode)
 

@@ -254,6 +254,8 @@ def _check_system(Ab, Bb, C, D, u, state, diagonal):
         if D is not None:
             leads["D"] = shape(D)[:-2]
     broadcast_lead(**leads)
+    if (u.shape[-1] if kind == "diag_siso" else u.shape[-2]) == 0:
+        raise ValueError(f"u must have length l >= 1, got shape {shape(u)}")
     if state is not None and state.shape[-1] != n:
         raise ValueError(f"state must be (..., n) with n = {n}, got {shape(state)}")
     cast = [None if t is None else t.to(dtype) for t in (Ab, Bb, C, D, u)]

@@ -29,6 +29,7 @@ format has vocab_size = the padded size.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import warnings
@@ -96,6 +97,8 @@ def config_from_hf(d: dict[str, Any]) -> MambaConfig:
     if d.get("hidden_act", "silu") != "silu":
         raise ValueError(f"only hidden_act='silu' is supported, config.json has {d['hidden_act']!r}")
     kwargs = {ours: d[hf] for hf, ours in _HF_MAPPED.items() if hf in d}
+    if kwargs.get("dt_rank") == math.ceil(d["hidden_size"] / 16):
+        kwargs["dt_rank"] = "auto"  # transformers stores the resolved rank; keep the round trip exact
     kwargs.setdefault("bias", False)  # transformers' default (some 5.x-era versions differed; be explicit)
     kwargs.setdefault("tie_embeddings", True)
     expand = kwargs.get("expand", 2)

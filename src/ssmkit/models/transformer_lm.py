@@ -109,7 +109,9 @@ class TransformerCache:
         seqlen_offset: number of tokens consumed so far (t).
     """
 
-    def __init__(self, n_layer: int, batch_size: int, n_head: int, head_dim: int, capacity: int, device, dtype):
+    def __init__(
+        self, n_layer: int, batch_size: int, n_head: int, head_dim: int, capacity: int, device, dtype
+    ):
         if not isinstance(batch_size, int) or batch_size <= 0:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         if not isinstance(capacity, int) or capacity < 0:
@@ -161,7 +163,10 @@ def attention_cached(attn: MultiheadAttention, x: Tensor, cache: TransformerCach
     if attn.positional == "rope":
         pos = torch.arange(offset, offset + l, device=x.device)  # (l,)
         cos, sin = rope_angles(pos, e, attn.rope_base)  # (l, e/2) ×2
-        q, k = apply_rope(q, cos.to(x.device), sin.to(x.device)), apply_rope(k, cos.to(x.device), sin.to(x.device))
+        q, k = (
+            apply_rope(q, cos.to(x.device), sin.to(x.device)),
+            apply_rope(k, cos.to(x.device), sin.to(x.device)),
+        )
     keys, values = cache.write(layer, k, v)  # (b, h, t, e) ×2, t = offset + l
     if offset == 0:
         y = F.scaled_dot_product_attention(q, keys, values, is_causal=True)  # (b, h, l, e)
@@ -225,11 +230,17 @@ class TransformerLM(nn.Module):
         """An empty KV cache for ``batch_size`` sequences (``capacity`` tokens reserved up front)."""
         c = self.config
         w = self.embedding.weight
-        return TransformerCache(c.n_layer, batch_size, c.n_head, c.d_model // c.n_head, capacity, w.device, w.dtype)
+        return TransformerCache(
+            c.n_layer, batch_size, c.n_head, c.d_model // c.n_head, capacity, w.device, w.dtype
+        )
 
     def check_input_ids(self, input_ids: Tensor) -> None:
         """Raise ValueError unless ``input_ids`` is an integer (b, l) tensor with ids in [0, vocab_size)."""
-        if not isinstance(input_ids, Tensor) or input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+        if (
+            not isinstance(input_ids, Tensor)
+            or input_ids.dtype.is_floating_point
+            or input_ids.dtype == torch.bool
+        ):
             got = input_ids.dtype if isinstance(input_ids, Tensor) else type(input_ids).__name__
             raise ValueError(f"input_ids must be an integer tensor (torch.long) of shape (b, l), got {got}")
         if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
@@ -240,7 +251,9 @@ class TransformerLM(nn.Module):
                 f"input_ids must lie in [0, vocab_size={self.config.vocab_size}), got values in [{lo}, {hi}]"
             )
 
-    def forward(self, input_ids: Tensor, cache: TransformerCache | None = None, num_last_tokens: int = 0) -> Tensor:
+    def forward(
+        self, input_ids: Tensor, cache: TransformerCache | None = None, num_last_tokens: int = 0
+    ) -> Tensor:
         """Logits for every position (or the last ``num_last_tokens``).
 
         Args:
@@ -257,7 +270,8 @@ class TransformerLM(nn.Module):
                 raise ValueError("cache must be a TransformerCache from this model's new_cache()")
             if cache.batch_size != input_ids.shape[0]:
                 raise ValueError(
-                    f"cache holds batch size {cache.batch_size}, input_ids has batch size {input_ids.shape[0]}"
+                    f"cache holds batch size {cache.batch_size}, "
+                    f"input_ids has batch size {input_ids.shape[0]}"
                 )
             offset = cache.seqlen_offset
         hidden = self.embedding(input_ids)  # (b, l, D)
@@ -331,7 +345,9 @@ class TransformerLM(nn.Module):
         folder = Path(path)
         data = json.loads((folder / "config.json").read_text())
         if data.get("model_type") != MODEL_TYPE:
-            raise ValueError(f"{folder}/config.json has model_type {data.get('model_type')!r}, expected {MODEL_TYPE!r}")
+            raise ValueError(
+                f"{folder}/config.json has model_type {data.get('model_type')!r}, expected {MODEL_TYPE!r}"
+            )
         model = cls(TransformerConfig.from_dict(data))
         state = load_file(str(folder / "model.safetensors"))
         if model.config.tie_embeddings:

@@ -21,65 +21,169 @@ carries gradient (so chunked training and state passing are differentiable).
 
 from __future__ import annotations
 
+import functools
 import os
+import warnings
 
 import torch
 from torch import Tensor
 
 BACKENDS = ("auto", "reference", "chunked", "cpu")
+ENV_VAR = "SSMKIT_SCAN_BACKEND"
+
+_warned: set[str] = set()  # which "falling back" warnings were already given in this process
 
 
-def _check_shape(name: str, t: Tensor | None, expected: tuple, hint: str) -> None:
-    if t is None:
-        return
+def _shape(t) -> object:
+    return tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+
+
+def _check_tensor(name: str, t, u: Tensor) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise ValueError(f"{name} must be a real floating-point tensor, got dtype {t.dtype}")
+    if t.device != u.device:
+        raise ValueError(f"{name} must be on u's device {u.device}, got {t.device}")
+
+
+def _check_shape(name: str, t: Tensor | None, expected: tuple, hint: str, u: Tensor) -> None:
+    if t is None:
+        return
+    _check_tensor(name, t, u)
     if tuple(t.shape) != tuple(expected):
         raise ValueError(f"{name} must have shape {hint} = {tuple(expected)}, got {tuple(t.shape)}")
 
 
 def validate(u, delta, A, B, C, D, z, delta_bias, initial_state) -> None:
-    """Raise ValueError naming the argument, the expected and the received shape/dtype."""
+    """Raise ValueError naming the argument, the expected and the received shape/dtype/device."""
     if not isinstance(u, Tensor) or u.dim() != 3:
-        shape = tuple(u.shape) if isinstance(u, Tensor) else type(u).__name__
-        raise ValueError(f"u must be a 3-d tensor (b, d, l), got {shape}")
-    b, d, l = u.shape
+        raise ValueError(f"u must be a 3-d tensor (b, d, l), got {_shape(u)}")
     if not u.is_floating_point():
-        raise ValueError(f"u must be a floating-point tensor, got dtype {u.dtype}")
-    _check_shape("delta", delta, (b, d, l), "(b, d, l)")
+        raise ValueError(f"u must be a real floating-point tensor, got dtype {u.dtype}")
+    b, d, l = u.shape
+    _check_shape("delta", delta, (b, d, l), "(b, d, l)", u)
+    _check_tensor("A", A, u)
     if A.dim() != 2 or A.shape[0] != d:
         raise ValueError(f"A must have shape (d, n) with d = {d}, got {tuple(A.shape)}")
-    if A.is_complex():
-        raise ValueError("A must be real: complex selective scans are not supported")
     n = A.shape[1]
     for name, M in (("B", B), ("C", C)):
+        _check_tensor(name, M, u)
         if M.dim() == 2:
-            _check_shape(name, M, (d, n), "(d, n) [time-invariant]")
+            _check_shape(name, M, (d, n), "(d, n) [time-invariant]", u)
         elif M.dim() == 3:
-            _check_shape(name, M, (b, n, l), "(b, n, l)")
+            _check_shape(name, M, (b, n, l), "(b, n, l)", u)
         elif M.dim() == 4:
-            if M.shape[0] != b or M.shape[2] != n or M.shape[3] != l or d % M.shape[1] != 0:
+            g = M.shape[1]
+            if M.shape[0] != b or M.shape[2] != n or M.shape[3] != l or g == 0 or d % g != 0:
                 raise ValueError(
                     f"{name} must have shape (b, g, n, l) = ({b}, g, {n}, {l}) with g dividing d = {d}, "
                     f"got {tuple(M.shape)}"
                 )
         else:
-            raise ValueError(f"{name} must be (d, n), (b, n, l) or (b, g, n, l), got {tuple(M.shape)}")
-    _check_shape("D", D, (d,), "(d,)")
-    _check_shape("z", z, (b, d, l), "(b, d, l)")
-    _check_shape("delta_bias", delta_bias, (d,), "(d,)")
-    _check_shape("initial_state", initial_state, (b, d, n), "(b, d, n)")
+            raise ValueError(
+                f"{name} must have shape (d, n) = {(d, n)}, (b, n, l) = {(b, n, l)} or (b, g, n, l), "
+                f"got {tuple(M.shape)}"
+            )
+    _check_shape("D", D, (d,), "(d,)", u)
+    _check_shape("z", z, (b, d, l), "(b, d, l)", u)
+    _check_shape("delta_bias", delta_bias, (d,), "(d,)", u)
+    _check_shape("initial_state", initial_state, (b, d, n), "(b, d, n)", u)
 
 
-def _resolve_backend(backend: str, u: Tensor) -> str:
+@functools.cache
+def _cpu_unavailable_reason() -> str | None:
+    """None when the fused C++ ``cpu`` backend can run here, else why not (asked once per process)."""
+    try:
+        from ssmkit.scan import cpu
+    except ModuleNotFoundError as e:
+        if e.name == "ssmkit.scan.cpu":
+            return "ssmkit.scan.cpu not built"
+        return f"importing ssmkit.scan.cpu failed: {e}"
+    except ImportError as e:
+        return f"importing ssmkit.scan.cpu failed: {e}"
+    return cpu.unavailable_reason()
+
+
+@functools.cache
+def _mamba_ssm_scan():
+    """mamba-ssm's CUDA ``selective_scan_fn`` when the package imports, else None."""
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    except ImportError:
+        return None
+    return selective_scan_fn
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def _mamba_ssm_compatible(u, A, D, delta_bias, initial_state, last_state_grad: bool) -> bool:
+    """Whether mamba-ssm's Mamba-1 CUDA kernel computes this call exactly as our contract says.
+
+    It has no initial state, ignores a gradient on the last state, takes u in float32/float16/bfloat16
+    and A, D, delta_bias in float32 only.
+    """
+    return (
+        initial_state is None
+        and not last_state_grad
+        and u.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        and all(t is None or t.dtype == torch.float32 for t in (A, D, delta_bias))
+    )
+
+
+def _auto_backend(device_type: str, mamba_compatible: bool) -> str:
+    """The choice of ``backend="auto"``: "cpu" | "chunked" | "mamba_ssm" (CUDA only).
+
+    CPU tensors: the fused ``cpu`` kernel when it builds, else ``chunked`` with one warning per process.
+    CUDA tensors: mamba-ssm's kernel when the package imports and the call is ``mamba_compatible``, else
+    ``chunked`` (one warning per process when mamba-ssm is missing). Other devices: ``chunked``.
+    """
+    if device_type == "cpu":
+        reason = _cpu_unavailable_reason()
+        if reason is None:
+            return "cpu"
+        _warn_once(
+            "cpu",
+            f"ssmkit.selective_scan: the fused CPU backend is unavailable ({reason}); using the slower "
+            f"'chunked' backend. Set {ENV_VAR}=chunked to choose it explicitly.",
+        )
+        return "chunked"
+    if device_type == "cuda":
+        if _mamba_ssm_scan() is None:
+            _warn_once(
+                "cuda",
+                "ssmkit.selective_scan: mamba_ssm is not installed; using the pure-PyTorch 'chunked' backend "
+                "on CUDA (install mamba-ssm for its fused kernel).",
+            )
+            return "chunked"
+        return "mamba_ssm" if mamba_compatible else "chunked"
+    return "chunked"
+
+
+def resolve_backend(backend: str, u: Tensor, mamba_compatible: bool = False) -> str:
+    """The backend a call runs on: "reference" | "chunked" | "cpu" | "mamba_ssm".
+
+    ``backend="auto"`` is replaced by ``$SSMKIT_SCAN_BACKEND`` when that is set, then chosen by device (see
+    ``_auto_backend``). An explicit backend is used as asked, or fails with the reason it cannot run.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        backend = os.environ.get("SSMKIT_SCAN_BACKEND", "auto") or "auto"
+        backend = os.environ.get(ENV_VAR, "") or "auto"
         if backend not in BACKENDS:
-            raise ValueError(f"SSMKIT_SCAN_BACKEND must be one of {BACKENDS}, got {backend!r}")
+            raise ValueError(f"environment variable {ENV_VAR} must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        backend = "reference"  # replaced by the fast-backend choice once those backends exist
+        return _auto_backend(u.device.type, mamba_compatible)
+    if backend == "cpu":
+        if u.device.type != "cpu":
+            raise ValueError(f"backend 'cpu' needs CPU tensors, got u on {u.device}")
+        reason = _cpu_unavailable_reason()
+        if reason is not None:
+            raise RuntimeError(f"selective_scan backend 'cpu' is unavailable: {reason}")
     return backend
 
 
@@ -107,11 +211,24 @@ def selective_scan(
         return_last_state: also return the final state h_l (b, d, n), differentiable.
         initial_state: (b, d, n) h_0 (default zeros).
         backend: "auto" | "reference" | "chunked" | "cpu"; env ``SSMKIT_SCAN_BACKEND`` overrides "auto".
+            "auto" picks ``cpu`` for CPU tensors when the fused kernel builds (else ``chunked``, with one
+            warning per process saying why); on CUDA, mamba-ssm's kernel when it is installed and the call
+            needs nothing it lacks (no ``initial_state``, no gradient through the last state, float32 A),
+            else ``chunked``.
     Returns:
         out (b, d, l) in u's dtype, or (out, last_state (b, d, n) float32/float64).
     """
     validate(u, delta, A, B, C, D, z, delta_bias, initial_state)
-    name = _resolve_backend(backend, u)
+    inputs = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+    last_state_grad = (
+        return_last_state
+        and torch.is_grad_enabled()
+        and any(t is not None and t.requires_grad for t in inputs)
+    )
+    compatible = _mamba_ssm_compatible(u, A, D, delta_bias, initial_state, last_state_grad)
+    name = resolve_backend(backend, u, compatible)
+    if name == "mamba_ssm":
+        return _mamba_ssm_scan()(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     if name == "reference":
         from ssmkit.scan.reference import selective_scan_reference as fn
     elif name == "chunked":

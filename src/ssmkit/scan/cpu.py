@@ -141,8 +141,17 @@ class _SelectiveScanCPU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
         ext = _ext
-        args = (_f32(u), _f32(delta), _f32(A), _bc_in(B), _bc_in(C), _f32(D), _f32(z), _f32(delta_bias),
-                _f32(initial_state))
+        args = (
+            _f32(u),
+            _f32(delta),
+            _f32(A),
+            _bc_in(B),
+            _bc_in(C),
+            _f32(D),
+            _f32(z),
+            _f32(delta_bias),
+            _f32(initial_state),
+        )
         out, last, saved = ext.fwd(*args, bool(delta_softplus))  # (b, d, l), (b, d, n), (b, K, d, n)
         ctx.save_for_backward(*args, saved)
         ctx.delta_softplus = bool(delta_softplus)
@@ -156,10 +165,12 @@ class _SelectiveScanCPU(torch.autograd.Function):
         u, delta, A, B, C, D, z, delta_bias, h0, saved = ctx.saved_tensors
         b, d, l = u.shape
         dout = torch.zeros_like(u) if dout is None else dout.to(torch.float32).contiguous()  # (b, d, l)
-        dlast = (torch.zeros(b, d, A.shape[1]) if dlast is None
-                 else dlast.to(torch.float32).contiguous())  # (b, d, n)
+        dlast = (
+            torch.zeros(b, d, A.shape[1]) if dlast is None else dlast.to(torch.float32).contiguous()
+        )  # (b, d, n)
         du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = _ext.bwd(
-            u, delta, A, B, C, D, z, delta_bias, h0, ctx.delta_softplus, saved, dout, dlast)
+            u, delta, A, B, C, D, z, delta_bias, h0, ctx.delta_softplus, saved, dout, dlast
+        )
         (u_o, de_o, A_o, B_o, C_o, D_o, z_o, bias_o, h0_o) = ctx.orig
 
         def cast(g, meta):
@@ -170,8 +181,18 @@ class _SelectiveScanCPU(torch.autograd.Function):
                 g = g[:, 0]  # (b, 1, n, l) -> (b, n, l)
             return g.to(meta[0])
 
-        return (cast(du, u_o), cast(ddelta, de_o), cast(dA, A_o), bc(dB, B_o), bc(dC, C_o), cast(dD, D_o),
-                cast(dz, z_o), cast(dbias, bias_o), cast(dh0, h0_o), None)
+        return (
+            cast(du, u_o),
+            cast(ddelta, de_o),
+            cast(dA, A_o),
+            bc(dB, B_o),
+            bc(dC, C_o),
+            cast(dD, D_o),
+            cast(dz, z_o),
+            cast(dbias, bias_o),
+            cast(dh0, h0_o),
+            None,
+        )
 
 
 def selective_scan_cpu(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state):
@@ -185,8 +206,17 @@ def selective_scan_cpu(u, delta, A, B, C, D, z, delta_bias, delta_softplus, init
     Raises:
         ValueError for float64 or non-CPU inputs; RuntimeError when the extension is unavailable.
     """
-    for name, t in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z),
-                    ("delta_bias", delta_bias), ("initial_state", initial_state)):
+    for name, t in (
+        ("u", u),
+        ("delta", delta),
+        ("A", A),
+        ("B", B),
+        ("C", C),
+        ("D", D),
+        ("z", z),
+        ("delta_bias", delta_bias),
+        ("initial_state", initial_state),
+    ):
         if t is None:
             continue
         if t.device.type != "cpu":

@@ -13,13 +13,23 @@ from torch import Tensor
 
 
 def expand_bc(M: Tensor, b: int, d: int, l: int) -> Tensor:
-    """B or C in any accepted layout -> (b, d, n, l) view/expansion (no copy for the common cases)."""
+    """B or C in any accepted layout -> (b, d, n, l). A view for (d, n) and (b, n, l); a copy for grouped."""
     if M.dim() == 2:  # (d, n) time-invariant
         return M[None, :, :, None].expand(b, d, M.shape[1], l)  # (b, d, n, l)
     if M.dim() == 3:  # (b, n, l)
         return M[:, None].expand(b, d, M.shape[1], l)  # (b, d, n, l)
     g = M.shape[1]  # (b, g, n, l): channel i uses group i // (d // g)
     return M.repeat_interleave(d // g, dim=1)  # (b, d, n, l)
+
+
+def _bc_step(M: Tensor, t: int, b: int, d: int) -> Tensor:
+    """B_t or C_t (b, d, n) at step t from any accepted layout, without expanding the whole sequence."""
+    if M.dim() == 2:  # (d, n) time-invariant
+        return M[None].expand(b, d, M.shape[1])  # (b, d, n)
+    if M.dim() == 3:  # (b, n, l)
+        return M[:, None, :, t].expand(b, d, M.shape[1])  # (b, d, n)
+    g = M.shape[1]  # (b, g, n, l): channel i uses group i // (d // g)
+    return M[:, :, None, :, t].expand(b, g, d // g, M.shape[2]).reshape(b, d, M.shape[2])  # (b, d, n)
 
 
 def selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state):
@@ -33,15 +43,17 @@ def selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus
     if delta_softplus:
         dt = F.softplus(dt)
     A_ = A.to(acc)  # (d, n)
-    Bx = expand_bc(B.to(acc), b, d, l)  # (b, d, n, l)
-    Cx = expand_bc(C.to(acc), b, d, l)  # (b, d, n, l)
-    h = torch.zeros(b, d, A.shape[1], dtype=acc, device=u.device) if initial_state is None \
-        else initial_state.to(acc)  # (b, d, n)
+    B_, C_ = B.to(acc), C.to(acc)
+    h = (
+        torch.zeros(b, d, A.shape[1], dtype=acc, device=u.device)
+        if initial_state is None
+        else initial_state.to(acc)
+    )  # (b, d, n)
     ys = []
     for t in range(l):
         dA = torch.exp(dt[:, :, t, None] * A_)  # (b, d, n)
-        h = dA * h + (dt[:, :, t] * u_[:, :, t])[..., None] * Bx[..., t]  # (b, d, n)
-        ys.append((h * Cx[..., t]).sum(-1))  # (b, d)
+        h = dA * h + (dt[:, :, t] * u_[:, :, t])[..., None] * _bc_step(B_, t, b, d)  # (b, d, n)
+        ys.append((h * _bc_step(C_, t, b, d)).sum(-1))  # (b, d)
     y = torch.stack(ys, dim=-1) if l > 0 else u_.new_zeros(b, d, 0)  # (b, d, l)
     if D is not None:
         y = y + D.to(acc)[None, :, None] * u_

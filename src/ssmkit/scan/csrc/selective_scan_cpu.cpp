@@ -231,12 +231,16 @@ static void bwd_item(const Problem& p, const float* saved, const float* dout, co
       delta_tile(p, bi, k, t0, T, biasv, dt, sig);
       load_tile(p.u + off, p.l, k, t0, T, uu);
       load_tile(dout + off, p.l, k, t0, T, go);
-      prefetch_tile(p.z ? p.z + off : nullptr, p.l, k, t0, T);
-      if (c > 0) {  // the same block's previous chunk is read next time round (after the other blocks)
-        const int64_t tp = (c - 1) * kChunk;
-        prefetch_tile(p.delta + off, p.l, k, tp, kChunk);
-        prefetch_tile(p.u + off, p.l, k, tp, kChunk);
-        prefetch_tile(dout + off, p.l, k, tp, kChunk);
+      {  // the next block of this chunk, else the first block of the previous chunk, is read next
+        const bool last_blk = j + 1 == j1;
+        if (!last_blk || c > 0) {
+          const Block kn = block_at(p, s, last_blk ? j0 : j + 1);
+          const int64_t tn = last_blk ? (c - 1) * kChunk : t0, Tn = last_blk ? kChunk : T;
+          prefetch_tile(p.delta + off, p.l, kn, tn, Tn);
+          prefetch_tile(p.u + off, p.l, kn, tn, Tn);
+          prefetch_tile(dout + off, p.l, kn, tn, Tn);
+          prefetch_tile(p.z ? p.z + off : nullptr, p.l, kn, tn, Tn);
+        }
       }
 
       // 1. recompute the chunk's states from the saved boundary state (h and Ā kept for step 3)

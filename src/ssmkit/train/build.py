@@ -1,0 +1,60 @@
+"""Rebuild what a checkpoint describes: the model (from its JSON spec) and the task.
+
+Specs are plain JSON stored in every training checkpoint, so ``ssmkit eval CKPT`` needs nothing else:
+
+    model: {"kind": "sequence", "config": {SequenceModelConfig fields}}   (SSM ablation or attention)
+           {"kind": "mamba_lm", "config": {MambaConfig fields}}
+    task:  {"task": "selective-copying" | "induction-heads" | "copying", "seq_len", "vocab_size",
+            "seed", "n_tokens"}
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from ssmkit.tasks import make_task
+from ssmkit.tasks.base import Task
+from ssmkit.train.checkpoint import model_state, read_checkpoint
+
+
+def sequence_model_spec(**config) -> dict:
+    """Spec of a ``SequenceModel``; validates the fields by building the config."""
+    from ssmkit.models.sequence import SequenceModelConfig
+
+    return {"kind": "sequence", "config": asdict(SequenceModelConfig(**config))}
+
+
+def build_model(spec: dict) -> torch.nn.Module:
+    """A freshly initialised model from its spec (uses the current torch RNG)."""
+    kind = spec.get("kind")
+    if kind == "sequence":
+        from ssmkit.models.sequence import SequenceModel, SequenceModelConfig
+
+        return SequenceModel.from_config(SequenceModelConfig(**spec["config"]))
+    if kind == "mamba_lm":
+        from ssmkit.models.config import MambaConfig
+        from ssmkit.models.mamba_lm import MambaLM
+
+        return MambaLM(MambaConfig(**spec["config"]))
+    raise ValueError(f"model spec kind must be 'sequence' or 'mamba_lm', got {kind!r}")
+
+
+def task_spec(name: str, seq_len: int, vocab_size: int, seed: int = 0, n_tokens: int = 16) -> dict:
+    return {"task": name, "seq_len": seq_len, "vocab_size": vocab_size, "seed": seed, "n_tokens": n_tokens}
+
+
+def build_task(spec: dict) -> Task:
+    return make_task(spec["task"], spec["seq_len"], spec["vocab_size"], spec.get("seed", 0), spec.get("n_tokens", 16))
+
+
+def load_trained(path: str | Path) -> tuple[torch.nn.Module, dict]:
+    """(model with the checkpoint's weights, in eval mode; the checkpoint header)."""
+    tensors, header = read_checkpoint(path)
+    if "model" not in header:
+        raise ValueError(f"{path} has no model spec (was it written by ssmkit train?)")
+    model = build_model(header["model"])
+    model.load_state_dict(model_state(tensors), strict=True)
+    return model.eval(), header
