@@ -78,8 +78,13 @@ def check(name, actual, expected, tol, elementwise=True):
     assert err <= tol, f"{name}: relative error {err:.3g} > {tol:g}"
     if elementwise:
         scale = expected.abs().max().item()
-        torch.testing.assert_close(actual.double(), expected.double(), rtol=1e-3, atol=1e-3 * scale + 1e-12,
-                                   msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            actual.double(),
+            expected.double(),
+            rtol=1e-3,
+            atol=1e-3 * scale + 1e-12,
+            msg=lambda m: f"{name}: {m}",
+        )
 
 
 def compare(x, softplus=True, last_grad=True, dtype=torch.float32, fwd_tol=1e-5, grad_tol=1e-4):
@@ -134,8 +139,9 @@ def test_bfloat16_inputs(chunk):
 
 def test_length_zero(chunk):
     x = make_inputs(2, 5, 0, 4)
-    out, last = cpu.selective_scan_cpu(*(x[k].float() if x[k] is not None else None for k in NAMES[:8]), True,
-                                       x["initial_state"].float())
+    out, last = cpu.selective_scan_cpu(
+        *(x[k].float() if x[k] is not None else None for k in NAMES[:8]), True, x["initial_state"].float()
+    )
     assert out.shape == (2, 5, 0)
     torch.testing.assert_close(last, x["initial_state"].float(), rtol=0, atol=0)
 

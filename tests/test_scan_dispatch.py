@@ -3,6 +3,8 @@ warning when the fused CPU kernel is unavailable, and the CUDA choice (decided w
 
 from __future__ import annotations
 
+import sys
+import types
 import warnings
 
 import pytest
@@ -53,15 +55,20 @@ def test_auto_with_cpu_kernel_picks_cpu(fresh, monkeypatch):
     assert scan.resolve_backend("auto", torch.zeros(1, 1, 1)) == "cpu"
 
 
-def test_missing_cpu_module_reason():
-    """Until ``ssmkit.scan.cpu`` exists, its absence is the reason; when it exists, it answers itself."""
-    reason = scan._cpu_unavailable_reason()
-    try:
-        import ssmkit.scan.cpu as cpu  # noqa: F401
-    except ModuleNotFoundError:
-        assert reason == "ssmkit.scan.cpu not built"
-    else:
-        assert reason == cpu.unavailable_reason()
+def test_cpu_reason_from_module(monkeypatch):
+    """A missing ``ssmkit.scan.cpu`` is the reason; a present one answers through ``unavailable_reason``.
+
+    (Simulated through ``sys.modules``: the real module would build the extension, which is its own test.)
+    """
+    reason_of = scan._cpu_unavailable_reason.__wrapped__  # bypass the per-process cache
+    monkeypatch.setitem(sys.modules, "ssmkit.scan.cpu", None)  # import raises ModuleNotFoundError
+    assert reason_of() == "ssmkit.scan.cpu not built"
+    fake = types.ModuleType("ssmkit.scan.cpu")
+    fake.unavailable_reason = lambda: "g++ not found (fake)"
+    monkeypatch.setitem(sys.modules, "ssmkit.scan.cpu", fake)
+    assert reason_of() == "g++ not found (fake)"
+    fake.unavailable_reason = lambda: None
+    assert reason_of() is None
 
 
 @pytest.mark.parametrize(

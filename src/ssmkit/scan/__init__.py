@@ -22,6 +22,7 @@ carries gradient (so chunked training and state passing are differentiable).
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 import warnings
 
@@ -95,7 +96,7 @@ def validate(u, delta, A, B, C, D, z, delta_bias, initial_state) -> None:
 def _cpu_unavailable_reason() -> str | None:
     """None when the fused C++ ``cpu`` backend can run here, else why not (asked once per process)."""
     try:
-        from ssmkit.scan import cpu
+        cpu = importlib.import_module("ssmkit.scan.cpu")
     except ModuleNotFoundError as e:
         if e.name == "ssmkit.scan.cpu":
             return "ssmkit.scan.cpu not built"
