@@ -144,17 +144,25 @@ def skip_reason(name: str, l: int, backward: bool) -> str | None:
     return unavailable(name)
 
 
-def time_case(name: str, l: int, backward: bool, repeats: int) -> float:
+SLOW_CASE_S = 20.0  # a case whose warm-up run takes longer than this is timed by that one run
+
+
+def time_case(name: str, l: int, backward: bool, repeats: int) -> tuple[float, int]:
+    """Median seconds over `repeats` runs after a warm-up; returns (median, runs)."""
     x = make_inputs(l, backward)
     ctx = torch.enable_grad() if backward else torch.no_grad()
     with ctx:
+        t0 = time.perf_counter()
         run_once(name, x, backward)  # warm-up (and the extension build, if first)
+        first = time.perf_counter() - t0
+        if first > SLOW_CASE_S:
+            return first, 1
         ts = []
         for _ in range(repeats):
             t0 = time.perf_counter()
             run_once(name, x, backward)
             ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+    return statistics.median(ts), repeats
 
 
 def _status_kib(field: str) -> int:
@@ -202,8 +210,11 @@ def machine_limit(repeats: int) -> float:
     return statistics.median(rates)
 
 
-def fmt_ms(t: float | None) -> str:
-    return "—" if t is None else (f"{t * 1e3:.1f} ms" if t < 10 else f"{t:.1f} s")
+def fmt_ms(t: float | None, runs: int = 0) -> str:
+    if t is None:
+        return "—"
+    s = f"{t * 1e3:.1f} ms" if t < 1 else f"{t:.1f} s"
+    return s + (" (1 run)" if runs == 1 else "")
 
 
 def main(argv=None) -> None:
@@ -221,6 +232,7 @@ def main(argv=None) -> None:
         memory_child(name, int(l), bool(int(bwd)), int(threads))
         return
     torch.set_num_threads(args.threads)
+    load_start = os.getloadavg()[0]
     command = "python benchmarks/bench_scan.py " + " ".join(sys.argv[1:] if argv is None else argv)
     rows = []  # (l, impl, fwd, fwdbwd, mem_fwd, mem_bwd, note)
     for l in args.lengths:
@@ -228,7 +240,7 @@ def main(argv=None) -> None:
             res = {"l": l, "impl": name}
             for mode, bwd in (("fwd", False), ("fwdbwd", True)):
                 why = skip_reason(name, l, bwd)
-                res[mode] = None if why else time_case(name, l, bwd, args.repeats)
+                res[mode], res[mode + "_runs"] = (None, 0) if why else time_case(name, l, bwd, args.repeats)
                 res[mode + "_mem"] = (
                     None if (why or args.no_memory) else measure_memory(name, l, bwd, args.threads)
                 )
@@ -241,14 +253,15 @@ def main(argv=None) -> None:
                 )
             rows.append(res)
     limit = machine_limit(args.repeats) if unavailable("ours (cpu)") is None else None
-    table = render(rows, limit, args, command)
+    load = (load_start, os.getloadavg()[0])
+    table = render(rows, limit, args, command, load)
     print()
     print(table)
     if not args.no_write:
         write_section(Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md", table)
 
 
-def render(rows, limit, args, command) -> str:
+def render(rows, limit, args, command, load) -> str:
     n_upd = lambda l: D_MODEL_INNER * l * D_STATE  # noqa: E731
     ours = {(r["l"], m): r[m] for r in rows if r["impl"] == "ours (cpu)" for m in ("fwd", "fwdbwd")}
 
@@ -264,7 +277,11 @@ def render(rows, limit, args, command) -> str:
         f"b=1, d={D_MODEL_INNER}, n={D_STATE}, float32, softplus(Δ+bias), D, SiLU(z) gate; "
         f"{args.threads} threads, median of {args.repeats} runs after a warm-up; torch {torch.__version__}. "
         "“× ours” = that row's time / ours (cpu) at the same l (higher = ours faster). Peak = extra RSS of "
-        "one call in a fresh process (MiB).",
+        f"one call in a fresh process (MiB). A case whose warm-up took > {SLOW_CASE_S:.0f} s is timed by "
+        "that one run (marked). "
+        f"Machine: {os.cpu_count()} CPUs shared with other work; 1-min load average {load[0]:.1f} at the "
+        f"start,"
+        f" {load[1]:.1f} at the end — absolute times are noisy, compare ratios within the run.",
         "",
         "| l | implementation | forward | × ours | fwd+bwd | × ours | peak fwd | peak fwd+bwd |",
         "|---|---|---|---|---|---|---|---|",
@@ -276,8 +293,8 @@ def render(rows, limit, args, command) -> str:
             else ("skipped (quadratic)" if r["fwdbwd_why"] and "quadratic" in r["fwdbwd_why"] else "—")
         )
         lines.append(
-            f"| {r['l']} | {r['impl']} | {fmt_ms(r['fwd'])} | {ratio(r, 'fwd')} | {fb} | {ratio(r, 'fwdbwd')} "
-            f"| {mem(r['fwd_mem'])} | {mem(r['fwdbwd_mem'])} |"
+            f"| {r['l']} | {r['impl']} | {fmt_ms(r['fwd'], r['fwd_runs'])} | {ratio(r, 'fwd')} | {fb} "
+            f"| {ratio(r, 'fwdbwd')} | {mem(r['fwd_mem'])} | {mem(r['fwdbwd_mem'])} |"
         )
     missing = sorted({f"{r['impl']}: {r['fwd_why']}" for r in rows if r["fwd_why"]})
     if missing:
@@ -301,6 +318,7 @@ def render(rows, limit, args, command) -> str:
 def targets(rows, limit) -> list[str]:
     """The issue's targets, evaluated on this run's numbers (measured, not asserted)."""
     by = {(r["l"], r["impl"]): r for r in rows}
+    met = lambda ok: "met" if ok else "NOT met"  # noqa: E731
     out = ["Targets (issue 4), from this run:", ""]
 
     def speedup(l, impl, m):
@@ -315,34 +333,28 @@ def targets(rows, limit) -> list[str]:
                 if s512 is not None:
                     out.append(
                         f"- fwd+bwd ≥ {goal}× {impl}: at l=512 {s512:.0f}× "
-                        f"({'met' if s512 >= goal else 'NOT met'}; above 512 it is quadratic, not run)"
+                        f"({met(s512 >= goal)}; above 512 it is quadratic, not run)"
                     )
                 continue
             if s is not None:
                 label = "forward" if m == "fwd" else "fwd+bwd"
-                out.append(
-                    f"- {label} ≥ {goal}× {impl} at l=2048: {s:.0f}× — {'met' if s >= goal else 'NOT met'}"
-                )
+                out.append(f"- {label} ≥ {goal}× {impl} at l=2048: {s:.0f}× — {met(s >= goal)}")
     o = by.get((2048, "ours (cpu)"))
     if limit and o and o["fwd"]:
         pct = 100 * D_MODEL_INNER * 2048 * D_STATE / o["fwd"] / 1e9 / limit
-        out.append(
-            f"- ≥ 50% of the machine limit at l=2048: {pct:.0f}% — {'met' if pct >= 50 else 'NOT met'}"
-        )
+        out.append(f"- ≥ 50% of the machine limit at l=2048: {pct:.0f}% — {met(pct >= 50)}")
     o8, m8 = by.get((8192, "ours (cpu)")), by.get((8192, "mambapy pscan"))
     if o8 and m8 and o8["fwdbwd_mem"] is not None and m8["fwdbwd_mem"]:
         frac = o8["fwdbwd_mem"] / m8["fwdbwd_mem"]
         out.append(
             f"- peak fwd+bwd memory at l=8192 ≤ 1/8 of mambapy's: {o8['fwdbwd_mem']:.0f} vs "
-            f"{m8['fwdbwd_mem']:.0f} MiB (1/{1 / max(frac, 1e-9):.0f}) — {'met' if frac <= 1 / 8 else 'NOT met'}"
+            f"{m8['fwdbwd_mem']:.0f} MiB (1/{1 / max(frac, 1e-9):.0f}) — {met(frac <= 1 / 8)}"
         )
     ch = by.get((2048, "ours (chunked)"))
     tr = by.get((2048, "transformers slow"))
     if ch and tr and ch["fwd"] and tr["fwd"]:
         s = tr["fwd"] / ch["fwd"]
-        out.append(
-            f"- chunked forward ≥ 3× transformers slow at l=2048: {s:.1f}× — {'met' if s >= 3 else 'NOT met'}"
-        )
+        out.append(f"- chunked forward ≥ 3× transformers slow at l=2048: {s:.1f}× — {met(s >= 3)}")
     return out
 
 

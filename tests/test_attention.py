@@ -29,14 +29,18 @@ def naive_attention(attn: MultiheadAttention, x: torch.Tensor) -> torch.Tensor:
             v = qkv[bi, :, 2 * d + hi * e : 2 * d + (hi + 1) * e]
             if attn.positional == "rope":
                 half = e // 2
-                theta = torch.tensor([attn.rope_base ** (-2 * i / e) for i in range(half)], dtype=torch.float64)
+                theta = torch.tensor(
+                    [attn.rope_base ** (-2 * i / e) for i in range(half)], dtype=torch.float64
+                )
                 for m in range(l):
                     rot = torch.polar(torch.ones(half, dtype=torch.float64), m * theta)  # e^{i m θ}
                     for t in (q, k):
                         z = torch.complex(t[m, :half], t[m, half:]) * rot
                         t[m, :half], t[m, half:] = z.real, z.imag
             for m in range(l):
-                scores = torch.tensor([float(q[m] @ k[n]) / math.sqrt(e) for n in range(m + 1)], dtype=torch.float64)
+                scores = torch.tensor(
+                    [float(q[m] @ k[n]) / math.sqrt(e) for n in range(m + 1)], dtype=torch.float64
+                )
                 w = torch.softmax(scores.double(), 0)
                 out[bi, m, hi * e : (hi + 1) * e] = (w[:, None] * v[: m + 1]).sum(0)
     return out @ attn.out_proj.weight.double().T + attn.out_proj.bias.double()
@@ -66,7 +70,9 @@ def test_sinusoids_closed_form():
 def test_kv_cache_decode_and_chunks_equal_full_forward(positional):
     torch.manual_seed(1)
     blocks = [
-        TransformerBlock(TransformerBlockConfig(d_model=32, n_heads=4, positional=positional, add_positions=i == 0))
+        TransformerBlock(
+            TransformerBlockConfig(d_model=32, n_heads=4, positional=positional, add_positions=i == 0)
+        )
         for i in range(2)
     ]
     blocks = [blk.double() for blk in blocks]
@@ -101,7 +107,9 @@ def test_kv_cache_decode_and_chunks_equal_full_forward(positional):
 def test_causal_and_positions_matter():
     torch.manual_seed(2)
     for positional in ("abs", "rope"):
-        blk = TransformerBlock(TransformerBlockConfig(d_model=16, n_heads=2, positional=positional, add_positions=True))
+        blk = TransformerBlock(
+            TransformerBlockConfig(d_model=16, n_heads=2, positional=positional, add_positions=True)
+        )
         x = torch.randn(1, 6, 16)
         x2 = x.clone()
         x2[:, 4:] = torch.randn(1, 2, 16)
@@ -117,3 +125,18 @@ def test_bad_arguments():
         MultiheadAttention(12, 8)
     with pytest.raises(ValueError, match=r"x must be \(b, l, 16\)"):
         MultiheadAttention(16, 2)(torch.randn(1, 3, 8))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("positional", ["abs", "rope"])
+def test_cuda_matches_cpu(positional):
+    torch.manual_seed(3)
+    blk = TransformerBlock(TransformerBlockConfig(d_model=32, n_heads=4, positional=positional, add_positions=True))
+    x = torch.randn(2, 9, 32)
+    expected = blk(x)
+    blk_cuda = blk.cuda()
+    st = blk_cuda.new_state(2)
+    y1, st = blk_cuda(x[:, :4].cuda(), st, return_state=True)
+    y2, _ = blk_cuda(x[:, 4:].cuda(), st, return_state=True)
+    torch.testing.assert_close(torch.cat([y1, y2], 1).cpu(), expected, rtol=1e-4, atol=1e-4)

@@ -52,13 +52,28 @@ def test_ddp_two_processes_match_single(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    single = subprocess.run([sys.executable, str(script), str(tmp_path / "one")], env=env,
-                            capture_output=True, text=True, timeout=120)
+    single = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "one")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert single.returncode == 0, single.stderr[-3000:]
     ddp = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-         str(tmp_path / "two")],
-        env=env, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(script),
+            str(tmp_path / "two"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     one = json.loads((tmp_path / "one" / "losses0.json").read_text())

@@ -80,3 +80,136 @@ def test_tiny_lm_learns_repetitive_text(task, kind, tmp_path):
     assert result.losses[0] > bar  # starts above the bar ...
     assert curve[-1]["val_loss"] < 0.7 * bar, (curve, bar)  # ... and ends well below it
     assert curve[-1]["val_bpb"] == pytest.approx(curve[-1]["val_loss"] / math.log(2), rel=1e-12)
+
+
+def test_cli_train_lm_saves_a_model_that_generate_loads(tmp_path, capsys, monkeypatch):
+    """`ssmkit train --task lm --model transformer` end to end: the saved folder reloads to the trained
+    weights, and `ssmkit generate` (plain and --interactive) prints what TransformerLM.generate gives."""
+    from ssmkit.cli import main
+    from ssmkit.train.checkpoint import model_state, read_checkpoint
+
+    (tmp_path / "fox.txt").write_text(SENTENCE * 100)
+    out = tmp_path / "run"
+    argv = [
+        "train",
+        "--task",
+        "lm",
+        "--model",
+        "transformer",
+        "--data",
+        str(tmp_path / "fox.txt"),
+        "--d-model",
+        "32",
+        "--n-layer",
+        "1",
+        "--n-head",
+        "2",
+        "--seq-len",
+        "16",
+        "--steps",
+        "4",
+        "--batch-size",
+        "4",
+        "--eval-every",
+        "2",
+        "--eval-examples",
+        "4",
+        "--val-fraction",
+        "0.1",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "bits/byte" in printed and "transformer_lm" in printed
+    assert (tmp_path / "token-cache").is_dir()  # the token file is cached next to the output
+    model = TransformerLM.from_pretrained(out / "model")
+    assert model.config.vocab_size == 256 and model.config.d_model == 32  # the flags, not the LM defaults
+    state = model_state(read_checkpoint(out / "checkpoint.safetensors")[0])
+    torch.testing.assert_close(
+        model.state_dict()["embedding.weight"], state["embedding.weight"], rtol=0, atol=0
+    )
+
+    expected = model.generate(
+        torch.tensor([list(b"the ")]), 12, temperature=0.8, generator=torch.Generator().manual_seed(3)
+    )
+    text = "the " + bytes(expected[0, 4:].tolist()).decode("utf-8", errors="replace")
+    common = ["generate", str(out / "model"), "--max-new-tokens", "12", "--temperature", "0.8", "--seed", "3"]
+    assert main([*common, "--prompt", "the "]) == 0
+    assert capsys.readouterr().out == text + "\n"
+    lines = iter(["the ", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert main([*common, "--interactive"]) == 0
+    assert text in capsys.readouterr().out
+
+
+def test_cli_train_lm_rejects_vocab_size(tmp_path):
+    from ssmkit.cli import main
+
+    (tmp_path / "t.txt").write_text(SENTENCE * 50)
+    with pytest.raises(ValueError, match="vocab-size"):
+        main(
+            [
+                "train",
+                "--task",
+                "lm",
+                "--data",
+                str(tmp_path / "t.txt"),
+                "--vocab-size",
+                "300",
+                "--out",
+                str(tmp_path / "r"),
+            ]
+        )
+
+
+def test_cli_train_lm_with_a_tokenizer_json(tmp_path, capsys):
+    """A tokenizer.json tokenizer: ids from it, bits per byte scaled by tokens/bytes, and the tokenizer
+    saved beside the model so that load_tokenizer finds it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from ssmkit.cli import main
+    from ssmkit.data.tokenizer import JsonTokenizer, load_tokenizer
+
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator([SENTENCE] * 10, trainers.BpeTrainer(vocab_size=300, special_tokens=["[UNK]"]))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "fox.txt").write_text(SENTENCE * 200)
+    out = tmp_path / "run"
+    argv = [
+        "train",
+        "--task",
+        "lm",
+        "--data",
+        str(tmp_path / "fox.txt"),
+        "--tokenizer",
+        str(tmp_path / "tokenizer.json"),
+        "--d-model",
+        "16",
+        "--n-layer",
+        "1",
+        "--seq-len",
+        "8",
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--eval-examples",
+        "2",
+        "--val-fraction",
+        "0.1",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
+    assert main(argv) == 0
+    capsys.readouterr()
+    loaded = load_tokenizer(out / "model")
+    assert isinstance(loaded, JsonTokenizer) and loaded.vocab_size == tok.get_vocab_size()
+    assert MambaLM.from_pretrained(out / "model").config.vocab_size >= tok.get_vocab_size()
+    curve = __import__("json").loads((out / "val_bpb.json").read_text())
+    ids = tok.encode(SENTENCE * 20).ids  # the validation text is 20 sentences
+    ratio = len(ids) / len((SENTENCE * 20).encode())
+    assert curve[-1]["val_bpb"] == pytest.approx(curve[-1]["val_loss"] / math.log(2) * ratio, rel=1e-9)

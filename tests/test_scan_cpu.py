@@ -132,6 +132,17 @@ def test_matches_reference_float32(chunk, case):
     compare(x, softplus=softplus, last_grad=last_grad)
 
 
+def test_two_threads_match_reference(chunk):
+    """Work items are handed out dynamically and dB/dC partial sums reduced across them: same result."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x = make_inputs(2, 40, 3 * chunk + 1, 16, bc=("grp", "var"), g=(2, 1))
+        compare(x)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_bfloat16_inputs(chunk):
     x = make_inputs(2, 33, chunk + 5, 16, bc=("var", "var"))
     compare(x, dtype=torch.bfloat16, fwd_tol=1e-2, grad_tol=1e-2)

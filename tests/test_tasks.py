@@ -115,7 +115,9 @@ def test_masked_loss_matches_float64_loop():
             exp_loss += lse - row[t]
             exp_correct += int(max(range(V), key=lambda k: row[k]) == t)
             exp_count += 1
-    torch.testing.assert_close(loss.double(), torch.tensor(exp_loss, dtype=torch.float64), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        loss.double(), torch.tensor(exp_loss, dtype=torch.float64), rtol=1e-6, atol=1e-6
+    )
     assert correct.item() == exp_correct and count.item() == exp_count == 4
     with pytest.raises(ValueError, match="logits must be"):
         masked_loss_sums(logits[0], targets)

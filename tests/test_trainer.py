@@ -46,14 +46,28 @@ def test_lr_factor_closed_forms():
     assert lr_factor(50, "cosine", 0, 100, 0.0) == pytest.approx(0.5)
     assert lr_factor(100, "cosine", 0, 100, 0.1) == pytest.approx(0.1)
     w, s, r, t = 10, 110, 0.2, 35
-    assert lr_factor(t, "cosine", w, s, r) == pytest.approx(r + (1 - r) * 0.5 * (1 + math.cos(math.pi * 25 / 100)))
+    assert lr_factor(t, "cosine", w, s, r) == pytest.approx(
+        r + (1 - r) * 0.5 * (1 + math.cos(math.pi * 25 / 100))
+    )
     with pytest.raises(ValueError, match="schedule"):
         lr_factor(0, "linear", 0, 10)
 
 
 def _cfg(steps, **kw):
-    base = dict(steps=steps, batch_size=8, lr=3e-3, schedule="cosine", warmup_steps=3, eval_every=0,
-                eval_examples=16, log_every=1, ckpt_every=0, device="cpu", progress=False, weight_decay=0.1)
+    base = dict(
+        steps=steps,
+        batch_size=8,
+        lr=3e-3,
+        schedule="cosine",
+        warmup_steps=3,
+        eval_every=0,
+        eval_examples=16,
+        log_every=1,
+        ckpt_every=0,
+        device="cpu",
+        progress=False,
+        weight_decay=0.1,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -81,16 +95,20 @@ def test_resume_is_bit_identical(tmp_path):
     _, header = read_checkpoint(tmp_path / "split" / "checkpoint.safetensors")
     assert header["step"] == 2 * n
     # metrics.jsonl has each train step exactly once after the resume
-    steps = [json.loads(x)["step"] for x in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
-             if json.loads(x)["event"] == "train"]
+    steps = [
+        json.loads(x)["step"]
+        for x in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
+        if json.loads(x)["event"] == "train"
+    ]
     assert steps == list(range(1, 2 * n + 1))
 
 
 def test_outputs_and_learning(tmp_path):
     task = Copying(CopyingConfig(seq_len=8, n_tokens=2, vocab_size=6, seed=0))
     torch.manual_seed(0)
-    res = train(ToyLM(6, d=32), task, _cfg(60, lr=1e-2, eval_every=30, eval_lengths=[8, 12], log_every=5),
-                tmp_path)
+    res = train(
+        ToyLM(6, d=32), task, _cfg(60, lr=1e-2, eval_every=30, eval_lengths=[8, 12], log_every=5), tmp_path
+    )
     recs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in recs if r["event"] == "eval"]
     assert {(r["step"], r["length"]) for r in evals} == {(30, 8), (30, 12), (60, 8), (60, 12)}

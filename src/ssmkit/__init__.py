@@ -20,6 +20,7 @@ _EXPORTS = {
     "S4": "ssmkit.layers.s4",
     "MambaConfig": "ssmkit.models.config",
     "MambaLM": "ssmkit.models.mamba_lm",
+    "TransformerLM": "ssmkit.models.transformer_lm",
     "SequenceModel": "ssmkit.models.sequence",
     "param_groups": "ssmkit.train.optim",
 }

@@ -101,6 +101,8 @@ class DecodeRow:
     ms_per_token: float
     """Median decode step time."""
     ms_per_token_mean: float
+    ms_per_token_min: float
+    """Fastest decode step (the least disturbed by other processes on a shared machine)."""
     state_bytes: int
     """Bytes of cache held for this one sequence after prefill + decode."""
 
@@ -230,6 +232,7 @@ def run_decode_bench(cfg: DecodeBenchConfig, out_dir: Path | None = None, show_p
                         prefill_s=prefill_s,
                         ms_per_token=1e3 * statistics.median(steps),
                         ms_per_token_mean=1e3 * statistics.fmean(steps),
+                        ms_per_token_min=1e3 * min(steps),
                         state_bytes=nbytes,
                     )
                 )
@@ -243,14 +246,14 @@ def run_decode_bench(cfg: DecodeBenchConfig, out_dir: Path | None = None, show_p
 def format_table(rows: list[DecodeRow]) -> str:
     """A fixed-width text table of the rows."""
     head = (
-        f"{'model':<12} {'context':>8} {'params':>11} {'prefill s':>10} {'ms/token':>9} {'(mean)':>8} "
+        f"{'model':<12} {'context':>8} {'params':>11} {'prefill s':>10} {'ms/token':>9} {'mean':>8} {'min':>8} "
         f"{'state':>11}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
             f"{r.model:<12} {r.context:>8} {r.params:>11,} {r.prefill_s:>10.2f} {r.ms_per_token:>9.2f} "
-            f"{r.ms_per_token_mean:>8.2f} {human_bytes(r.state_bytes):>11}"
+            f"{r.ms_per_token_mean:>8.2f} {r.ms_per_token_min:>8.2f} {human_bytes(r.state_bytes):>11}"
         )
     return "\n".join(lines)
 

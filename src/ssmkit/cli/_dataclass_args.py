@@ -1,4 +1,4 @@
-"""Turn a dataclass into argparse flags (``field_name`` -> ``--field-name``), its field docstrings the help."""
+"""Dataclass -> argparse flags (``field_name`` -> ``--field-name``); the field docstrings are the help."""
 
 from __future__ import annotations
 
@@ -15,7 +15,11 @@ def field_docs(cls) -> dict[str, str]:
     docs = {}
     for a, b in zip(body, body[1:]):
         if isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name):
-            if isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant) and isinstance(b.value.value, str):
+            if (
+                isinstance(b, ast.Expr)
+                and isinstance(b.value, ast.Constant)
+                and isinstance(b.value.value, str)
+            ):
                 docs[a.target.id] = b.value.value
     return docs
 
@@ -36,7 +40,9 @@ def add_dataclass_args(parser, cls, skip: tuple[str, ...] = ()) -> None:
         help_ = f"{docs.get(f.name, '')} (default: {default})"
         hint = hints[f.name]
         if hint is bool:
-            parser.add_argument(flag, action=__import__("argparse").BooleanOptionalAction, default=default, help=help_)
+            parser.add_argument(
+                flag, action=__import__("argparse").BooleanOptionalAction, default=default, help=help_
+            )
         elif typing.get_origin(hint) is list:
             parser.add_argument(flag, type=_parse_list, default=default, help=help_ + " comma-separated")
         elif typing.get_origin(hint) is tuple:

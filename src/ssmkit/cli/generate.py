@@ -19,7 +19,7 @@ def add_parser(sub) -> None:
         "tokenizer.json when present, else a byte-level tokenizer (ids 0..255).",
     )
     p.add_argument("model_dir", type=Path, metavar="MODEL_DIR", help="local model folder")
-    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--prompt", default=None, help="text to continue (required unless --interactive)")
     p.add_argument("--max-new-tokens", type=int, default=50, help="tokens to generate (default 50)")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 = off")
@@ -28,22 +28,51 @@ def add_parser(sub) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL penalty; 1 = off")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator (default 0)")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    p.add_argument("--interactive", action="store_true",
+                   help="prompt loop: read a prompt per line from the terminal (type \\n for a newline), "
+                   "stream the continuation; an empty line or Ctrl-D ends (each prompt starts afresh)")
     p.set_defaults(func=_run)
 
 
 def _run(args) -> int:
-    import torch
-
     from ssmkit.data.tokenizer import load_tokenizer
     from ssmkit.models.mamba_lm import MambaLM
+    from ssmkit.models.transformer_lm import TransformerLM, is_transformer_folder
 
-    model = MambaLM.from_pretrained(args.model_dir).eval()
+    if args.prompt is None and not args.interactive:
+        raise SystemExit("error: give --prompt TEXT or --interactive")
+    model_cls = TransformerLM if is_transformer_folder(args.model_dir) else MambaLM
+    model = model_cls.from_pretrained(args.model_dir).eval()
     tokenizer = load_tokenizer(args.model_dir)
     if tokenizer.vocab_size > model.config.padded_vocab_size:
         raise SystemExit(
             f"error: tokenizer has {tokenizer.vocab_size} tokens but the model only "
             f"{model.config.padded_vocab_size}"
         )
+    if args.interactive:
+        return _interactive(model, tokenizer, args)
+    return _generate_one(model, tokenizer, args.prompt, args)
+
+
+def _interactive(model, tokenizer, args) -> int:
+    """Read prompts from stdin until an empty line or EOF; stream each continuation."""
+    print("[generate] interactive: type a prompt and press Enter; an empty line or Ctrl-D quits.", flush=True)
+    args.stream = True
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print()
+            return 0
+        if not line:
+            return 0
+        _generate_one(model, tokenizer, line.replace("\\n", "\n"), args)  # "\n" typed = a newline
+
+
+def _generate_one(model, tokenizer, prompt: str, args) -> int:
+    import torch
+
+    args.prompt = prompt
     prompt_ids = tokenizer.encode(args.prompt)
     if not prompt_ids:
         raise SystemExit("error: --prompt encodes to no tokens")

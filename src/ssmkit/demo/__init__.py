@@ -8,6 +8,7 @@ from pathlib import Path
 SECTIONS = [
     ("ssmkit.demo.lti", "run"),
     ("ssmkit.demo.s4", "run"),
+    ("ssmkit.demo.selectivity", "run"),
 ]
 
 

@@ -62,7 +62,8 @@ def sinusoidal_positions(positions: Tensor, d_model: int) -> Tensor:
 
 def rope_angles(positions: Tensor, head_dim: int, base: float = 10000.0) -> tuple[Tensor, Tensor]:
     """cos, sin of m·θ_i for (l,) positions -> two (l, e/2) float64 tensors; θ_i = base^(−2i/e)."""
-    inv = base ** (-torch.arange(0, head_dim // 2, dtype=torch.float64) * 2 / head_dim)  # (e/2,)
+    i = torch.arange(0, head_dim // 2, dtype=torch.float64, device=positions.device)  # (e/2,)
+    inv = base ** (-2 * i / head_dim)  # (e/2,)
     ang = positions.to(torch.float64)[:, None] * inv[None, :]  # (l, e/2)
     return torch.cos(ang), torch.sin(ang)
 
@@ -103,7 +104,9 @@ class MultiheadAttention(nn.Module):
         offset = 0 if state is None else state.offset
         if state is not None and state.k.shape[0] != b:
             raise ValueError(f"state batch {state.k.shape[0]} does not match x batch {b}")
-        q, k, v = self.qkv(x).view(b, l, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (b, h, l, e)
+        q, k, v = (
+            self.qkv(x).view(b, l, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        )  # (b, h, l, e)
         if self.positional == "rope":
             pos = torch.arange(offset, offset + l, device=x.device)  # (l,)
             cos, sin = rope_angles(pos, self.head_dim, self.rope_base)
@@ -150,7 +153,9 @@ class TransformerBlock(nn.Module):
         self.attn = MultiheadAttention(c.d_model, c.n_heads, c.positional)
         self.norm2 = nn.LayerNorm(c.d_model)
         self.mlp = nn.Sequential(
-            nn.Linear(c.d_model, c.mlp_ratio * c.d_model), nn.GELU(), nn.Linear(c.mlp_ratio * c.d_model, c.d_model)
+            nn.Linear(c.d_model, c.mlp_ratio * c.d_model),
+            nn.GELU(),
+            nn.Linear(c.mlp_ratio * c.d_model, c.d_model),
         )
 
     def new_state(self, batch: int, device=None, dtype=None) -> KVCache:

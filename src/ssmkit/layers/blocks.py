@@ -332,9 +332,7 @@ class Block(nn.Module):
         self.norm = RMSNorm(d_model, eps=norm_eps, **f)
         if arch == "mamba" and layer == "s6":
             m = Mamba(d_model, d_state, d_conv, expand, dt_min=dt_min, dt_max=dt_max, **f)
-            for p in (m.A_log, m.D, m.dt_proj.bias):
-                p._ssm_optim = dict(SSM_OPTIM)
-            self.mixer = MambaMixer(m)
+            self.mixer = MambaMixer(m)  # Mamba tags its own SSM parameters (_ssm_optim)
         elif arch == "mamba":
             d_inner = int(expand * d_model)
             ssm = make_ssm(layer, d_inner, d_state, s4d_init, dt_min, dt_max, f)

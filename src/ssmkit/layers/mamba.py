@@ -34,9 +34,9 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ssmkit.layers.conv import causal_conv1d_silu
 from ssmkit.scan import selective_scan
 
 
@@ -157,6 +157,8 @@ class Mamba(nn.Module):
         self.A_log._no_weight_decay = True
         self.D = nn.Parameter(torch.ones(self.d_inner, device=device, dtype=torch.float32))  # (d_inner,)
         self.D._no_weight_decay = True
+        for p in (self.A_log, self.D, self.dt_proj.bias):  # read by ssmkit.train.optim.param_groups
+            p._ssm_optim = {"weight_decay": 0.0}
 
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
 
@@ -198,23 +200,28 @@ class Mamba(nn.Module):
         if state is not None:
             self._check_state(state, b)
 
-        xz = self.in_proj(hidden_states).transpose(1, 2)  # (b, 2·d_inner, l)
+        # in_proj computed directly in the (b, 2·d_inner, l) layout the conv and the scan read, so x, z and
+        # Δ below are contiguous (no transposes/copies; mamba-ssm does the same).
+        xz = torch.matmul(self.in_proj.weight, hidden_states.transpose(1, 2))  # (b, 2·d_inner, l)
+        if self.in_proj.bias is not None:
+            xz = xz + self.in_proj.bias[:, None]  # (b, 2·d_inner, l)
         x, z = xz.chunk(2, dim=1)  # (b, d_inner, l) each
 
-        # Causal depthwise conv over [history, new inputs]: the history is the last d_conv - 1 inputs
+        # Causal depthwise conv + SiLU over [history, new inputs]: the history is the last d_conv - 1 inputs
         # (zeros for a fresh sequence), so exactly l outputs come out with no padding.
-        w = self.conv1d.weight  # (d_inner, 1, d_conv)
-        if state is None:
-            x_hist = F.pad(x, (self.d_conv - 1, 0))  # (b, d_inner, d_conv - 1 + l)
-        else:
-            full = torch.cat([state.conv_state.to(x.dtype), x], dim=-1)  # (b, d_inner, d_conv + l)
-            x_hist = full[:, :, 1:]  # (b, d_inner, d_conv - 1 + l)
-            state.conv_state = full[:, :, -self.d_conv :].to(state.conv_state.dtype)  # (b, d_inner, d_conv)
-        x = F.silu(F.conv1d(x_hist, w, self.conv1d.bias, groups=self.d_inner))  # (b, d_inner, l)
+        w = self.conv1d.weight[:, 0].to(x.dtype)  # (d_inner, d_conv)
+        bias = None if self.conv1d.bias is None else self.conv1d.bias.to(x.dtype)  # (d_inner,)
+        history = None
+        if state is not None:
+            conv_state = state.conv_state.to(x.dtype)  # (b, d_inner, d_conv)
+            history = conv_state[:, :, 1:]  # (b, d_inner, d_conv - 1)
+            tail = torch.cat([conv_state, x[:, :, -self.d_conv :]], dim=-1)  # (b, d_inner, ≤ 2·d_conv)
+            state.conv_state = tail[:, :, -self.d_conv :].to(state.conv_state.dtype)  # (b, d_inner, d_conv)
+        x = causal_conv1d_silu(x, w, bias, history)  # (b, d_inner, l)
 
         x_dbl = self.x_proj(x.transpose(1, 2))  # (b, l, R + 2N)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = (dt @ self.dt_proj.weight.t()).transpose(1, 2)  # (b, d_inner, l); bias added in the scan
+        dt = torch.matmul(self.dt_proj.weight, dt.transpose(1, 2))  # (b, d_inner, l); bias added in the scan
         B = B.transpose(1, 2)  # (b, N, l)
         C = C.transpose(1, 2)  # (b, N, l)
         A = -torch.exp(_at_least_f32(self.A_log))  # (d_inner, N)

@@ -161,7 +161,7 @@ def attention_cached(attn: MultiheadAttention, x: Tensor, cache: TransformerCach
     h, e, offset = attn.n_heads, attn.head_dim, cache.seqlen_offset
     q, k, v = attn.qkv(x).view(b, l, 3, h, e).permute(2, 0, 3, 1, 4)  # (b, h, l, e) ×3
     if attn.positional == "rope":
-        pos = torch.arange(offset, offset + l, device=x.device)  # (l,)
+        pos = torch.arange(offset, offset + l)  # (l,) on the CPU, where rope_angles builds its frequencies
         cos, sin = rope_angles(pos, e, attn.rope_base)  # (l, e/2) ×2
         q, k = (
             apply_rope(q, cos.to(x.device), sin.to(x.device)),

@@ -12,22 +12,30 @@ Glossary (code -> paper), see ``ssmkit.scan`` for the full one:
     S_k                     the true state at the start of chunk k (b, d, n)
 
 The algorithm. Pad the sequence with identity steps (Δ = 0, so Ā = 1 and B̄u = 0: the last state is
-unchanged) to a multiple of c and cut it into chunks. All chunks then advance *together*, one position
-at a time, so a Python step works on (b, chunks, d, n) tensors instead of the reference's (b, d, n):
+unchanged) to a multiple of c and cut it into chunks. Chunks are taken k at a time (a *block*; k =
+``chunks_per_block``, by default so that one step's (b, k, d, n) tensor is about 1 MiB and stays in cache).
+The k chunks of a block advance *together*, one position at a time, so a Python step works on (b, k, d, n)
+tensors instead of the reference's (b, d, n):
 
     1. local pass   h ← Ā_t ⊙ h + B̄_t u_t from h = 0, for t = 1..c, in every chunk at once;
                     h_end[k] is what chunk k adds to the state.
     2. carry pass   S_{k+1} = exp(A · Σ_{t ∈ k} Δ_t) ⊙ S_k + h_end[k], sequential over chunks (cheap).
     3. output pass  h ← Ā_t ⊙ h + B̄_t u_t again, now from h = S_k in every chunk, and y_t = C_t · h_t.
 
+A block of one chunk (k = 1: large b·d·n, or l ≤ c) knows its start state, so it runs pass 3 alone — the
+reference's loop. Inputs are copied once to time-major (b, l, d) layout, so that a step's slice has d
+contiguous. Exponentials are taken as exp2(Δ · A·log2 e) (as mamba-ssm's CUDA kernel does): PyTorch's CPU
+exp2 is several times faster than its exp. Under autograd, pass 3 reuses pass 1's Ā_t and B̄_t u_t (autograd
+keeps them anyway); without it, it recomputes them (cheaper than a round trip through memory).
+
 Why not the segment-sum (SSD) matmul form of Mamba-2 (``reference/mamba.md`` §1.9)? There A is a scalar per
 head, so the intra-chunk decay exp(segsum(ΔA)) is a (c, c) matrix shared by all state entries. Here A is
 (d, n): the decay differs for every state entry n, so that form would need a (c, c, n) tensor per channel,
 i.e. c times more exponentials than the recurrence itself. The blocked recurrence does exactly the
-reference's arithmetic (each exponent is Δ_t·A or Σ Δ_t·A, never a difference of cumulative sums, never a
-growing positive number when Δ ≥ 0 and A ≤ 0) with about c·(1 + 1/chunks_per_block) times fewer Python
-steps, and keeps (b, d, n)-per-position tensors only for one block of ``chunk_size · chunks_per_block``
-positions at a time (never (b, d, l, n) for the whole sequence, except what autograd saves for backward).
+reference's arithmetic (each exponent is Δ_t·A or Σ Δ_t·A — never a difference of cumulative sums, never a
+growing positive number when Δ ≥ 0 and A ≤ 0), with about k/2 times fewer Python steps, and keeps
+per-position (b, d, n) tensors only for one block of c·k positions at a time (never (b, d, l, n) for the
+whole sequence, except what autograd saves for the backward pass).
 
 Accumulation is float32 (float64 when u is float64); bf16/fp16 inputs are accepted and upcast. The output is
 cast back to u's dtype; the last state stays in the accumulation dtype, like the reference.
@@ -42,6 +50,7 @@ from torch import Tensor
 CHUNK_SIZE = 32
 """Default chunk length c: the number of sequential Python steps per pass and block."""
 
+_LOG2E = 1.4426950408889634  # log2(e)
 _STEP_ELEMENTS = 1 << 18
 """Target size (elements) of one step's (b, k, d, n) tensor when ``chunks_per_block`` is None: ~1 MiB."""
 
@@ -59,22 +68,38 @@ def _bc_layout(M: Tensor, d: int) -> tuple[Tensor, int, bool]:
     return M, M.shape[1], True  # (b, g, n, l)
 
 
-def _bc_block(M: Tensor, varies: bool, t0: int, k: int, c: int) -> Tensor:
-    """Positions [t0, t0 + k·c) of a variable B/C (b, G, n, l_pad) -> (c, b, k, G, n); invariant unchanged."""
+def _swap_last2(X: Tensor) -> Tensor:
+    """(b, p, q) -> contiguous (b, q, p), through PyTorch's blocked 2-d transpose copy (much faster than
+    a general permuted copy)."""
+    if X.shape[0] == 1:
+        return X[0].t().contiguous()[None]  # (1, q, p)
+    return torch.stack([x.t().contiguous() for x in X.unbind(0)])  # (b, q, p)
+
+
+def _time_major(M: Tensor, varies: bool, pad: int) -> Tensor:
+    """A variable B/C (b, G, n, l) -> zero-padded, time-major (b, l_pad, G, n); an invariant one unchanged."""
     if not varies:
         return M  # (d, n)
-    bM, G, n, _ = M.shape
-    blk = M[..., t0 : t0 + k * c].reshape(bM, G, n, k, c)  # (b, G, n, k, c)
-    return blk.permute(4, 0, 3, 1, 2).contiguous()  # (c, b, k, G, n)
+    return F.pad(M, (0, pad)).permute(0, 3, 1, 2).contiguous()  # (b, l_pad, G, n)
 
 
 def _times_b(x: Tensor, Bt: Tensor, varies: bool, G: int) -> Tensor:
-    """B̄_t u_t: x (b, k, d) = Δ·u at one step, times B_t (b, k, G, n) or B (d, n) -> (b, k, d, n)."""
+    """B̄_t u_t: x (b, k, d) = Δ·u at one step of each chunk, times B_t (b, k, G, n) or B (d, n).
+
+    Returns (b, k, d, n).
+    """
     if not varies:
         return x[..., None] * Bt  # (b, k, d, n)
     b, k, d = x.shape
     xg = x.reshape(b, k, G, d // G, 1)  # (b, k, G, dg, 1)
     return (xg * Bt[..., None, :]).reshape(b, k, d, Bt.shape[-1])  # (b, k, d, n)
+
+
+def _step_terms(dt_t, x_t, A_, B_t, varB: bool, GB: int, step: slice) -> tuple[Tensor, Tensor]:
+    """Ā_t = exp(Δ_t A) and B̄_t u_t at one position of every chunk of a block: (b, k, d, n) each."""
+    dA = torch.exp2(dt_t[:, step, :, None] * A_)  # (b, k, d, n)
+    Bx = _times_b(x_t[:, step], B_t[:, step] if varB else B_t, varB, GB)  # (b, k, d, n)
+    return dA, Bx
 
 
 def _contract_c(h: Tensor, Ct: Tensor, varies: bool, G: int) -> Tensor:
@@ -83,7 +108,9 @@ def _contract_c(h: Tensor, Ct: Tensor, varies: bool, G: int) -> Tensor:
         return (h * Ct).sum(-1)  # (b, k, d)
     b, k, d, n = h.shape
     hg = h.reshape(b, k, G, d // G, n)  # (b, k, G, dg, n)
-    return (hg @ Ct[..., None]).reshape(b, k, d)  # (b, k, G, dg, 1) -> (b, k, d)
+    if k == 1:  # a batched mat-vec is fastest for one chunk, a fused multiply-sum for several
+        return (hg @ Ct[..., None]).reshape(b, k, d)  # (b, 1, G, dg, 1) -> (b, 1, d)
+    return (hg * Ct[..., None, :]).sum(-1).reshape(b, k, d)  # (b, k, G, dg) -> (b, k, d)
 
 
 def selective_scan_chunked(
@@ -124,7 +151,7 @@ def selective_scan_chunked(
         dt = dt + delta_bias.to(acc)[None, :, None]
     if delta_softplus:
         dt = F.softplus(dt)
-    A_ = A.to(acc)  # (d, n)
+    A_ = A.to(acc) * _LOG2E  # (d, n): A·log2(e), so that exp(Δ·A) = exp2(Δ·A·log2 e)
     Bm, GB, varB = _bc_layout(B.to(acc), d)
     Cm, GC, varC = _bc_layout(C.to(acc), d)
     state = (
@@ -135,42 +162,49 @@ def selective_scan_chunked(
 
     c = min(chunk_size, l)
     nc = -(-l // c)  # number of chunks
-    pad = nc * c - l
-    x = dt * u_  # (b, d, l)
-    if pad:  # identity steps: Δ = 0 -> Ā = 1, B̄u = 0
-        dt = F.pad(dt, (0, pad))  # (b, d, l_pad)
-        x = F.pad(x, (0, pad))  # (b, d, l_pad)
-        if varB:
-            Bm = F.pad(Bm, (0, pad))  # (b, G, n, l_pad)
-        if varC:
-            Cm = F.pad(Cm, (0, pad))  # (b, G, n, l_pad)
+    pad = nc * c - l  # identity steps at the end: Δ = 0, so Ā = 1 and B̄u = 0
+    # time-major copies, so that one step of all chunks is a (b, k, d) slice with d contiguous
+    dt_t = _swap_last2(F.pad(dt, (0, pad)))  # (b, l_pad, d)
+    x_t = _swap_last2(F.pad(dt * u_, (0, pad)))  # (b, l_pad, d): Δ·u
+    B_t = _time_major(Bm, varB, pad)  # (b, l_pad, G, n) or (d, n)
+    C_t = _time_major(Cm, varC, pad)  # (b, l_pad, G, n) or (d, n)
 
     if chunks_per_block is None:  # keep one step's (b, k, d, n) tensors about 1 MiB: cache-resident
         chunks_per_block = max(1, _STEP_ELEMENTS // max(1, b * d * n))
     A_ = A_[None, None]  # (1, 1, d, n)
+    # Under autograd, pass 1's Ā_t and B̄_t u_t are saved for the backward pass anyway: reuse them in pass 3.
+    # Without autograd, recomputing them is cheaper than a round trip of a whole block through memory.
+    keep = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (u, delta, A, B, C, delta_bias)
+    )
     ys = []
     for k0 in range(0, nc, chunks_per_block):
         k = min(chunks_per_block, nc - k0)  # chunks in this block
-        t0 = k0 * c
-        dt_b = dt[..., t0 : t0 + k * c].reshape(b, d, k, c).permute(3, 0, 2, 1).contiguous()  # (c, b, k, d)
-        x_b = x[..., t0 : t0 + k * c].reshape(b, d, k, c).permute(3, 0, 2, 1).contiguous()  # (c, b, k, d)
-        B_b = _bc_block(Bm, varB, t0, k, c)  # (c, b, k, G, n) or (d, n)
-        C_b = _bc_block(Cm, varC, t0, k, c)  # (c, b, k, G, n) or (d, n)
+        t0, t1 = k0 * c, (k0 + k) * c  # the block's positions
+        if k == 1:  # one chunk: its start state is known, so a single sequential pass suffices
+            h, y_blk = state, []
+            for t in range(t0, t1):
+                now = slice(t, t + 1)
+                dA = torch.exp2(dt_t[:, t, :, None] * A_[0])  # (b, d, n)
+                Bx = _times_b(x_t[:, now], B_t[:, now] if varB else B_t, varB, GB)  # (b, 1, d, n)
+                h = torch.addcmul(Bx[:, 0], dA, h)  # (b, d, n)
+                y_blk.append(_contract_c(h[:, None], C_t[:, now] if varC else C_t, varC, GC))  # (b, 1, d)
+            state = h
+            ys.append(torch.cat(y_blk, dim=1))  # (b, c, d), time-major
+            continue
 
-        # 1. local pass: what each chunk adds to the state, starting from zero. Ā_t and B̄_t u_t are kept
-        #    (one block's worth) for the output pass.
-        dAs, Bxs = [], []
-        h = None
+        # 1. local pass: what each chunk adds to the state, starting from zero.
+        h, kept = None, []
         for t in range(c):
-            dA = torch.exp(dt_b[t, ..., None] * A_)  # (b, k, d, n)
-            Bx = _times_b(x_b[t], B_b[t] if varB else B_b, varB, GB)  # (b, k, d, n)
+            dA, Bx = _step_terms(dt_t, x_t, A_, B_t, varB, GB, slice(t0 + t, t1, c))  # (b, k, d, n) each
             h = Bx if h is None else torch.addcmul(Bx, dA, h)  # (b, k, d, n)
-            dAs.append(dA)
-            Bxs.append(Bx)
+            if keep:
+                kept.append((dA, Bx))
         h_end = h  # (b, k, d, n)
 
         # 2. carry pass: the true state at the start of every chunk of the block.
-        decay = torch.exp(dt_b.sum(0)[..., None] * A_)  # (b, k, d, n)
+        dt_sum = dt_t[:, t0:t1].reshape(b, k, c, d).sum(2)  # (b, k, d)
+        decay = torch.exp2(dt_sum[..., None] * A_)  # (b, k, d, n)
         starts = []
         for j in range(k):
             starts.append(state)
@@ -178,13 +212,15 @@ def selective_scan_chunked(
         h = torch.stack(starts, dim=1)  # (b, k, d, n)
 
         # 3. output pass: the recurrence again from the true chunk-start states; y_t = C_t · h_t.
-        y_b = []
-        for t in range(c):
-            h = torch.addcmul(Bxs[t], dAs[t], h)  # (b, k, d, n)
-            y_b.append(_contract_c(h, C_b[t] if varC else C_b, varC, GC))  # (b, k, d)
-        ys.append(torch.stack(y_b, dim=-1).permute(0, 2, 1, 3).reshape(b, d, k * c))  # (b, d, k·c)
+        y_blk = []
+        for t in range(c):  # Ā_t, B̄_t u_t: pass 1's under autograd, else recomputed
+            step = slice(t0 + t, t1, c)
+            dA, Bx = kept[t] if keep else _step_terms(dt_t, x_t, A_, B_t, varB, GB, step)  # (b, k, d, n)
+            h = torch.addcmul(Bx, dA, h)  # (b, k, d, n)
+            y_blk.append(_contract_c(h, C_t[:, step] if varC else C_t, varC, GC))  # (b, k, d)
+        ys.append(torch.stack(y_blk, dim=2).reshape(b, k * c, d))  # (b, k·c, d), time-major
 
-    y = torch.cat(ys, dim=-1)[..., :l]  # (b, d, l)
+    y = _swap_last2((ys[0] if len(ys) == 1 else torch.cat(ys, dim=1))[:, :l])  # (b, d, l)
     if D is not None:
         y = y + D.to(acc)[None, :, None] * u_
     if z is not None:

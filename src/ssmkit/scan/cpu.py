@@ -130,17 +130,9 @@ def _bc_in(M: Tensor) -> Tensor:
     return M.to(torch.float32).transpose(2, 3).contiguous()  # (b, g, l, n)
 
 
-def _bc_out(dM: Tensor, M: Tensor) -> Tensor:
-    """The kernel's dB/dC ((d, n) or (b, g, n, l)) -> M's own layout and dtype."""
-    if M.dim() == 3:
-        dM = dM[:, 0]  # (b, n, l)
-    return dM.to(M.dtype)
-
-
 class _SelectiveScanCPU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
-        ext = _ext
         args = (
             _f32(u),
             _f32(delta),
@@ -152,12 +144,12 @@ class _SelectiveScanCPU(torch.autograd.Function):
             _f32(delta_bias),
             _f32(initial_state),
         )
-        out, last, saved = ext.fwd(*args, bool(delta_softplus))  # (b, d, l), (b, d, n), (b, K, d, n)
+        out, last, saved = _ext.fwd(*args, bool(delta_softplus))  # (b, d, l), (b, d, n), (b, K, d, n)
         ctx.save_for_backward(*args, saved)
         ctx.delta_softplus = bool(delta_softplus)
-        ctx.orig = (u, delta, A, B, C, D, z, delta_bias, initial_state)  # dtypes/layouts only
-        ctx.orig = tuple(None if t is None else (t.dtype, t.dim(), tuple(t.shape)) for t in ctx.orig)
-        ctx.bc = (B.dim(), C.dim())
+        # the caller's dtype and rank of every input (gradients are returned in that dtype and layout)
+        originals = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+        ctx.orig = tuple(None if t is None else (t.dtype, t.dim()) for t in originals)
         return out.to(u.dtype), last
 
     @staticmethod

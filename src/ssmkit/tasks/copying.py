@@ -71,7 +71,9 @@ class Copying:
     def train_batch(self, step: int, batch_size: int, rank: int = 0, world_size: int = 1) -> Batch:
         c = self.config
         g = make_generator(c.seed, 1, step)
-        return shard(copying_batch(batch_size * world_size, c.seq_len, c.n_tokens, c.vocab_size, g), rank, world_size)
+        return shard(
+            copying_batch(batch_size * world_size, c.seq_len, c.n_tokens, c.vocab_size, g), rank, world_size
+        )
 
     def validation_set(self, length: int, n_examples: int) -> Batch:
         c = self.config

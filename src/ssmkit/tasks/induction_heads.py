@@ -31,7 +31,9 @@ import torch
 from ssmkit.tasks.base import IGNORE, Batch, make_generator, shard
 
 
-def induction_heads_batch(batch_size: int, seq_len: int, vocab_size: int, generator: torch.Generator) -> Batch:
+def induction_heads_batch(
+    batch_size: int, seq_len: int, vocab_size: int, generator: torch.Generator
+) -> Batch:
     """Draw ``batch_size`` induction-heads examples (layout in the module docstring); (b, L) int64."""
     b, L, V = batch_size, seq_len, vocab_size
     if V < 3:
@@ -76,7 +78,9 @@ class InductionHeads:
     def train_batch(self, step: int, batch_size: int, rank: int = 0, world_size: int = 1) -> Batch:
         c = self.config
         g = make_generator(c.seed, 1, step)
-        return shard(induction_heads_batch(batch_size * world_size, c.seq_len, c.vocab_size, g), rank, world_size)
+        return shard(
+            induction_heads_batch(batch_size * world_size, c.seq_len, c.vocab_size, g), rank, world_size
+        )
 
     def validation_set(self, length: int, n_examples: int) -> Batch:
         c = self.config

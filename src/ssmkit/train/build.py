@@ -28,17 +28,20 @@ def sequence_model_spec(**config) -> dict:
 
 
 def build_model(spec: dict) -> torch.nn.Module:
-    """A freshly initialised model from its spec (uses the current torch RNG)."""
+    """A freshly initialised float32 model from its spec (uses the current torch RNG).
+
+    ``.float()`` makes the training dtype explicit: some layers build parameters in float64 first.
+    """
     kind = spec.get("kind")
     if kind == "sequence":
         from ssmkit.models.sequence import SequenceModel, SequenceModelConfig
 
-        return SequenceModel.from_config(SequenceModelConfig(**spec["config"]))
+        return SequenceModel.from_config(SequenceModelConfig(**spec["config"])).float()
     if kind == "mamba_lm":
         from ssmkit.models.config import MambaConfig
         from ssmkit.models.mamba_lm import MambaLM
 
-        return MambaLM(MambaConfig(**spec["config"]))
+        return MambaLM(MambaConfig(**spec["config"])).float()
     raise ValueError(f"model spec kind must be 'sequence' or 'mamba_lm', got {kind!r}")
 
 
@@ -47,7 +50,9 @@ def task_spec(name: str, seq_len: int, vocab_size: int, seed: int = 0, n_tokens:
 
 
 def build_task(spec: dict) -> Task:
-    return make_task(spec["task"], spec["seq_len"], spec["vocab_size"], spec.get("seed", 0), spec.get("n_tokens", 16))
+    return make_task(
+        spec["task"], spec["seq_len"], spec["vocab_size"], spec.get("seed", 0), spec.get("n_tokens", 16)
+    )
 
 
 def load_trained(path: str | Path) -> tuple[torch.nn.Module, dict]:

@@ -47,7 +47,10 @@ def rng_state() -> tuple[dict, dict]:
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     tensors["rng.numpy"] = torch.from_numpy(np.asarray(keys, dtype=np.uint32).astype(np.int64))
     py = random.getstate()
-    return tensors, {"numpy": [kind, int(pos), int(has_gauss), float(cached)], "python": [py[0], list(py[1]), py[2]]}
+    return tensors, {
+        "numpy": [kind, int(pos), int(has_gauss), float(cached)],
+        "python": [py[0], list(py[1]), py[2]],
+    }
 
 
 def set_rng_state(tensors: dict, scalars: dict) -> None:

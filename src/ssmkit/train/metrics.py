@@ -17,8 +17,11 @@ class MetricsLog:
             if truncate_after is None or truncate_after == 0:
                 self.path.unlink()
             else:
-                keep = [ln for ln in self.path.read_text().splitlines()
-                        if ln.strip() and json.loads(ln).get("step", 0) <= truncate_after]
+                keep = [
+                    ln
+                    for ln in self.path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln).get("step", 0) <= truncate_after
+                ]
                 tmp = self.path.with_suffix(".jsonl.tmp")
                 tmp.write_text("".join(k + "\n" for k in keep))
                 os.replace(tmp, self.path)

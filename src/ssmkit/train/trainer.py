@@ -83,6 +83,8 @@ class TrainConfig:
     """Write a training-metrics line every this many steps."""
     ckpt_every: int = 500
     """Save the checkpoint every this many steps (and at the end); 0: only at the end."""
+    time_limit_s: float | None = None
+    """Stop after this many seconds of training in this call (save, evaluate, return), e.g. for a budget."""
     device: str = "auto"
     """'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', …"""
     progress: bool = True
@@ -188,10 +190,18 @@ def train(
         res = {}
         if info.is_main:
             for n, data in val_sets.items():
-                r = evaluate(model, data, batch_size=max(per_rank, 1), chunk_size=cfg.eval_chunk,
-                             device=info.device, autocast_bf16=cfg.bf16)
+                r = evaluate(
+                    model,
+                    data,
+                    batch_size=max(per_rank, 1),
+                    chunk_size=cfg.eval_chunk,
+                    device=info.device,
+                    autocast_bf16=cfg.bf16,
+                )
                 res[n] = r
-                log.write({"event": "eval", "step": step, "length": n, "val_loss": r["loss"], "val_acc": r["acc"]})
+                log.write(
+                    {"event": "eval", "step": step, "length": n, "val_loss": r["loss"], "val_acc": r["acc"]}
+                )
         D.barrier(info)
         return res
 
@@ -206,7 +216,7 @@ def train(
 
         bar = tqdm(total=cfg.steps, initial=step, desc=task.name, dynamic_ncols=True, mininterval=1.0)
     losses: list[float] = []
-    interrupted = False
+    interrupted = stopped_by_time = False
     last_eval: dict = {}
     t0, tok_done = time.perf_counter(), 0
     model.train()
@@ -219,13 +229,29 @@ def train(
             with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                 logits = net(batch.inputs)  # (b, l, V)
             loss_sum, n_correct, n_scored = masked_loss_sums(logits, batch.targets)
-            stats = torch.stack([loss_sum.detach().double(), n_correct.double(), n_scored.double(),
-                                 torch.tensor(float(stop.requested), dtype=torch.float64, device=info.device)])
+            over_time = cfg.time_limit_s is not None and time.perf_counter() - t0 > cfg.time_limit_s
+            stop_now = (
+                2.0 * stop.requested + 1.0 * over_time
+            )  # 2: signal, 1: time limit (rank 0's clock decides)
+            if not info.is_main:
+                stop_now = 2.0 * stop.requested
+            stats = torch.stack(
+                [
+                    loss_sum.detach().double(),
+                    n_correct.double(),
+                    n_scored.double(),
+                    torch.tensor(stop_now, dtype=torch.float64, device=info.device),
+                ]
+            )
             D.all_reduce_sum(stats, info)  # (4,)
             loss = loss_sum * (info.world_size / stats[2])  # W · S_r / N
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
+            gnorm = (
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                if cfg.grad_clip > 0
+                else None
+            )
             optimizer.step()
             step += 1
             g_loss, g_acc = (stats[0] / stats[2]).item(), (stats[1] / stats[2]).item()
@@ -235,17 +261,29 @@ def train(
                 raise FloatingPointError(f"training loss is {g_loss} at step {step}")
             if step % cfg.log_every == 0 or step == cfg.steps:
                 tps = tok_done / max(time.perf_counter() - t0, 1e-9)
-                rec = {"event": "train", "step": step, "loss": g_loss, "acc": g_acc, "lr": cfg.lr * factor,
-                       "tokens_per_s": tps, "time_s": time.perf_counter() - t0}
+                rec = {
+                    "event": "train",
+                    "step": step,
+                    "loss": g_loss,
+                    "acc": g_acc,
+                    "lr": cfg.lr * factor,
+                    "tokens_per_s": tps,
+                    "time_s": time.perf_counter() - t0,
+                }
                 if gnorm is not None:
                     rec["grad_norm"] = float(gnorm)
                 log.write(rec)
                 if bar is not None:
-                    bar.set_postfix(loss=f"{g_loss:.3f}", acc=f"{g_acc:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
+                    bar.set_postfix(
+                        loss=f"{g_loss:.3f}", acc=f"{g_acc:.3f}", tok_s=f"{tps:,.0f}", refresh=False
+                    )
             if bar is not None:
                 bar.update(1)
-            if stats[3].item() > 0:
+            if stats[3].item() >= 2:
                 interrupted = True
+                break
+            if stats[3].item() >= 1:
+                stopped_by_time = True
                 break
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
                 last_eval = run_eval()
@@ -258,8 +296,14 @@ def train(
     save()
     if not interrupted:
         last_eval = run_eval()
-    summary = {"step": step, "interrupted": interrupted, "wall_s": time.perf_counter() - t0,
-               "final_eval": {str(k): v for k, v in last_eval.items()}, "checkpoint": str(ckpt_path)}
+    summary = {
+        "step": step,
+        "interrupted": interrupted,
+        "stopped_by_time_limit": stopped_by_time,
+        "wall_s": time.perf_counter() - t0,
+        "final_eval": {str(k): v for k, v in last_eval.items()},
+        "checkpoint": str(ckpt_path),
+    }
     if info.is_main:
         plot_learning_curve(log.path, out / "learning_curve.png")
         tmp = out / "summary.json.tmp"
@@ -267,4 +311,6 @@ def train(
         os.replace(tmp, out / "summary.json")
         if interrupted:
             print(f"\nInterrupted at step {step}; checkpoint saved to {ckpt_path} (continue with --resume).")
-    return TrainResult(step=step, interrupted=interrupted, final_eval=last_eval, checkpoint=ckpt_path, losses=losses)
+    return TrainResult(
+        step=step, interrupted=interrupted, final_eval=last_eval, checkpoint=ckpt_path, losses=losses
+    )

@@ -23,6 +23,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <numeric>
 #include <vector>
@@ -31,7 +32,9 @@
 
 namespace ssmkit_scan {
 
-constexpr int64_t kChunk = 128;  // steps between saved states; also the tile length
+constexpr int64_t kChunk = 64;  // steps between saved states (the backward's recomputation unit)
+constexpr int64_t kTile = 32;   // forward tile length (divides kChunk): 4 tiles of 2 KiB stay in L1
+static_assert(kChunk % kTile == 0, "kTile must divide kChunk");
 constexpr int kMaxN = 256;       // largest d_state (as mamba-ssm's MAX_DSTATE)
 
 struct Problem {
@@ -81,13 +84,53 @@ static inline void store_mat(float* M, const Block& k, int n, const vf* v) {  //
     for (int j = 0; j < n; ++j) M[(k.c0 + i) * n + j] = v[j][i];
 }
 
+// In-register 16×16 transpose: stage S swaps bit S of the row index with bit S of the column index
+// (two-source shuffles of row pairs R, R + 2^S); after the four stages r[i][j] holds the old r[j][i].
+static_assert(W == 16, "the transpose below is written for 16 lanes");
+#define SSMKIT_LO(c) ((((c) >> S) & 1) == 0 ? (c) : 16 + (c) - (1 << S))
+#define SSMKIT_HI(c) ((((c) >> S) & 1) == 0 ? (c) + (1 << S) : 16 + (c))
+#define SSMKIT_16(M) M(0), M(1), M(2), M(3), M(4), M(5), M(6), M(7), M(8), M(9), M(10), M(11), M(12), \
+                     M(13), M(14), M(15)
+template <int S>
+static inline void transpose_stage(vf* r) {
+  for (int R = 0; R < 16; ++R) {
+    if ((R >> S) & 1) continue;
+    const vf a = r[R], b = r[R + (1 << S)];
+    r[R] = __builtin_shufflevector(a, b, SSMKIT_16(SSMKIT_LO));
+    r[R + (1 << S)] = __builtin_shufflevector(a, b, SSMKIT_16(SSMKIT_HI));
+  }
+}
+#undef SSMKIT_LO
+#undef SSMKIT_HI
+#undef SSMKIT_16
+
+static inline void transpose16(vf* r) {
+  transpose_stage<0>(r);
+  transpose_stage<1>(r);
+  transpose_stage<2>(r);
+  transpose_stage<3>(r);
+}
+
 // base: (d, l) rows of one batch element; tile[t][lane] = base[c0 + lane, t0 + t], zero-padded.
+// Full 16-lane, 16-step pieces go through the register transpose; the ragged rest element by element.
 static inline void load_tile(const float* base, int64_t l, const Block& k, int64_t t0, int64_t T, vf* tile) {
-  for (int64_t t = 0; t < T; ++t) tile[t] = vf{};
-  if (!base) return;
+  if (!base) {
+    for (int64_t t = 0; t < T; ++t) tile[t] = vf{};
+    return;
+  }
+  int64_t done = 0;
+  if (k.nvalid == W) {
+    for (; done + W <= T; done += W) {
+      vf r[W];
+      for (int i = 0; i < W; ++i) std::memcpy(&r[i], base + (k.c0 + i) * l + t0 + done, sizeof(vf));
+      transpose16(r);
+      for (int t = 0; t < W; ++t) tile[done + t] = r[t];
+    }
+  }
+  for (int64_t t = done; t < T; ++t) tile[t] = vf{};
   for (int i = 0; i < k.nvalid; ++i) {
     const float* row = base + (k.c0 + i) * l + t0;
-    for (int64_t t = 0; t < T; ++t) tile[t][i] = row[t];
+    for (int64_t t = done; t < T; ++t) tile[t][i] = row[t];
   }
 }
 
@@ -103,9 +146,18 @@ static inline void prefetch_tile(const float* base, int64_t l, const Block& k, i
 }
 
 static inline void store_tile(float* base, int64_t l, const Block& k, int64_t t0, int64_t T, const vf* tile) {
+  int64_t done = 0;
+  if (k.nvalid == W) {
+    for (; done + W <= T; done += W) {
+      vf r[W];
+      for (int t = 0; t < W; ++t) r[t] = tile[done + t];
+      transpose16(r);
+      for (int i = 0; i < W; ++i) std::memcpy(base + (k.c0 + i) * l + t0 + done, &r[i], sizeof(vf));
+    }
+  }
   for (int i = 0; i < k.nvalid; ++i) {
     float* row = base + (k.c0 + i) * l + t0;
-    for (int64_t t = 0; t < T; ++t) row[t] = tile[t][i];
+    for (int64_t t = done; t < T; ++t) row[t] = tile[t][i];
   }
 }
 
@@ -149,7 +201,7 @@ static void fwd_block(const Problem& p, int64_t bi, const Block& k, float* out, 
   const int n = NN > 0 ? NN : (int)p.n;
   constexpr int NB = NN > 0 ? NN : kMaxN;
   vf h[NB], Av[NB], Bv[BTI ? NB : 1], Cv[CTI ? NB : 1];
-  alignas(64) vf dt[kChunk], uu[kChunk], zz[kChunk], yy[kChunk];
+  alignas(64) vf dt[kTile], uu[kTile], zz[kTile], yy[kTile];
   lane_mat(p.A, k, n, Av);
   if (BTI) lane_mat(p.B, k, n, Bv);
   if (CTI) lane_mat(p.C, k, n, Cv);
@@ -158,12 +210,12 @@ static void fwd_block(const Problem& p, int64_t bi, const Block& k, float* out, 
   const float* Bg = BTI ? nullptr : p.B + (bi * p.gB + k.gBi) * p.l * n;  // (l, n)
   const float* Cg = CTI ? nullptr : p.C + (bi * p.gC + k.gCi) * p.l * n;
   const int64_t off = bi * p.d * p.l;
-  for (int64_t c = 0; c < p.K; ++c) {
-    const int64_t t0 = c * kChunk, T = std::min(kChunk, p.l - t0);
-    store_mat(saved + (bi * p.K + c) * p.d * n, k, n, h);
+  for (int64_t t0 = 0; t0 < p.l; t0 += kTile) {
+    const int64_t T = std::min(kTile, p.l - t0);
+    if (t0 % kChunk == 0) store_mat(saved + (bi * p.K + t0 / kChunk) * p.d * n, k, n, h);
     delta_tile(p, bi, k, t0, T, biasv, dt, nullptr);
     load_tile(p.u + off, p.l, k, t0, T, uu);
-    const int64_t Tn = std::min(kChunk, p.l - t0 - T);  // the next chunk, read while this one computes
+    const int64_t Tn = std::min(kTile, p.l - t0 - T);  // the next tile, read while this one computes
     prefetch_tile(p.delta + off, p.l, k, t0 + T, Tn);
     prefetch_tile(p.u + off, p.l, k, t0 + T, Tn);
     prefetch_tile(p.z ? p.z + off : nullptr, p.l, k, t0, T);
@@ -323,6 +375,18 @@ static void bwd_item(const Problem& p, const float* saved, const float* dout, co
   }
 }
 
+// Work items are handed out dynamically (an atomic counter), not split statically: on a shared machine
+// one thread may run at half speed, and a static split would make every call wait for it.
+template <class F>
+static void parallel_items(int64_t items, const F& fn) {
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items));
+  at::parallel_for(0, workers, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t w = lo; w < hi; ++w)
+      for (int64_t i = next++; i < items; i = next++) fn(i);
+  });
+}
+
 // ---- dispatch on (n, B layout, C layout) -------------------------------------------------------------
 template <template <int, bool, bool> class F, typename... Args>
 static void dispatch(const Problem& p, Args&&... args) {
@@ -346,11 +410,9 @@ template <int NN, bool BTI, bool CTI>
 struct FwdAll {
   static void run(const Problem& p, float* out, float* last, float* saved) {
     const int64_t nbg = p.nbg(), nblk = p.nsg() * nbg;
-    at::parallel_for(0, p.b * nblk, 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t i = lo; i < hi; ++i) {
-        const int64_t bi = i / nblk, r = i % nblk;
-        fwd_block<NN, BTI, CTI>(p, bi, block_at(p, r / nbg, r % nbg), out, last, saved);
-      }
+    parallel_items(p.b * nblk, [&](int64_t i) {
+      const int64_t bi = i / nblk, r = i % nblk;
+      fwd_block<NN, BTI, CTI>(p, bi, block_at(p, r / nbg, r % nbg), out, last, saved);
     });
   }
 };
@@ -360,14 +422,12 @@ struct BwdAll {
   static void run(const Problem& p, const float* saved, const float* dout, const float* dlast, int64_t parts,
                   float* dBpart, float* dCpart, const Grads& gr) {
     const int64_t nbg = p.nbg(), nsg = p.nsg(), items = p.b * nsg * parts, ln = p.l * p.n;
-    at::parallel_for(0, items, 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t i = lo; i < hi; ++i) {
-        const int64_t bi = i / (nsg * parts), s = (i / parts) % nsg, part = i % parts;
-        const int64_t j0 = part * nbg / parts, j1 = (part + 1) * nbg / parts;
-        if (j0 == j1) continue;
-        bwd_item<NN, BTI, CTI>(p, saved, dout, dlast, bi, s, j0, j1, dBpart ? dBpart + i * ln : nullptr,
-                               dCpart ? dCpart + i * ln : nullptr, gr);
-      }
+    parallel_items(items, [&](int64_t i) {
+      const int64_t bi = i / (nsg * parts), s = (i / parts) % nsg, part = i % parts;
+      const int64_t j0 = part * nbg / parts, j1 = (part + 1) * nbg / parts;
+      if (j0 == j1) return;
+      bwd_item<NN, BTI, CTI>(p, saved, dout, dlast, bi, s, j0, j1, dBpart ? dBpart + i * ln : nullptr,
+                             dCpart ? dCpart + i * ln : nullptr, gr);
     });
   }
 };
@@ -483,7 +543,7 @@ static std::vector<at::Tensor> bwd(const at::Tensor& u, const at::Tensor& delta,
   auto dCti = p.C_ti ? at::zeros({p.b, p.d, p.n}, o) : at::empty({0}, o);
   // work items: (batch, super-group, part); parts split a super-group's blocks across threads
   const int64_t nth = at::get_num_threads(), rows = p.b * p.nsg();
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(p.nbg(), (2 * nth + rows - 1) / rows));
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(p.nbg(), (4 * nth + rows - 1) / rows));
   const int64_t items = rows * parts;
   auto dBpart = p.B_ti ? at::empty({0}, o) : at::zeros({items, p.l, p.n}, o);
   auto dCpart = p.C_ti ? at::empty({0}, o) : at::zeros({items, p.l, p.n}, o);

@@ -1,0 +1,201 @@
+"""Mamba paper Table 1 (Selective Copying: architecture × inner layer) at CPU scale, or the paper's setup.
+
+    python benchmarks/table1.py                          # CPU scale: L=256, M=16, V=16, 2 layers, d_model 64
+    python benchmarks/table1.py --jobs 6 --threads 2     # run the grid's cells in parallel processes
+    python benchmarks/table1.py --paper                  # Appendix E.1: L=4096, 400K steps, constant lr 1e-4,
+                                                         # batch 64 (needs a GPU and days)
+
+Each cell is one ``ssmkit train`` run (a subprocess); the script then reads every run's summary.json
+and writes ``table1.md`` / ``table1.json`` beside the paper's numbers into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PAPER = {  # Gu & Dao (2023) Table 1, accuracy (%); S4 = the LTI layer (we run S4D and, optionally, S4)
+    ("none", "s4"): 18.3,
+    ("none", "s6"): 97.0,
+    ("h3", "s4"): 57.0,
+    ("h3", "s6"): 99.7,
+    ("mamba", "s4"): 56.4,
+    ("mamba", "s6"): 99.8,
+}
+ARCH_NAME = {"none": "No gate", "h3": "H3", "mamba": "Mamba"}
+
+
+def cell_command(args, arch: str, layer: str, out: Path) -> list[str]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "ssmkit",
+        "train",
+        "--task",
+        "selective-copying",
+        "--arch",
+        arch,
+        "--layer",
+        layer,
+        "--d-model",
+        str(args.d_model),
+        "--n-layer",
+        str(args.n_layer),
+        "--seq-len",
+        str(args.seq_len),
+        "--n-tokens",
+        str(args.n_tokens),
+        "--vocab-size",
+        str(args.vocab_size),
+        "--steps",
+        str(args.steps),
+        "--batch-size",
+        str(args.batch_size),
+        "--lr",
+        str(args.lr),
+        "--schedule",
+        args.schedule,
+        "--warmup-steps",
+        str(args.warmup_steps),
+        "--eval-every",
+        str(args.eval_every),
+        "--eval-examples",
+        str(args.eval_examples),
+        "--ckpt-every",
+        str(args.ckpt_every),
+        "--seed",
+        str(args.seed),
+        "--device",
+        args.device,
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
+    if args.time_limit:
+        cmd += ["--time-limit-s", str(args.time_limit)]
+    cmd += ["--dt-min", str(args.dt_min), "--dt-max", str(args.dt_max)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    return cmd
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--archs", default="none,h3,mamba")
+    p.add_argument("--layers", default="s4d,s6", help="comma-separated: s4d, s4, s6")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--n-tokens", type=int, default=16)
+    p.add_argument("--vocab-size", type=int, default=16)
+    p.add_argument("--d-model", type=int, default=64)
+    p.add_argument("--n-layer", type=int, default=2)
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--schedule", default="cosine")
+    p.add_argument("--warmup-steps", type=int, default=50)
+    p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--eval-examples", type=int, default=512)
+    p.add_argument("--ckpt-every", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dt-min", type=float, default=1e-3, help="smallest initial Δ")
+    p.add_argument("--dt-max", type=float, default=0.1, help="largest initial Δ")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--jobs", type=int, default=1, help="cells run at the same time")
+    p.add_argument(
+        "--time-limit", type=float, default=None, help="stop each cell's training after this many seconds"
+    )
+    p.add_argument("--threads", type=int, default=None, help="torch threads per cell")
+    p.add_argument(
+        "--paper",
+        action="store_true",
+        help="the paper's setup: L=4096, 400K steps, constant lr 1e-4, batch 64",
+    )
+    p.add_argument("--out", type=Path, default=Path("ssmkit-out/table1"))
+    p.add_argument("--collect-only", action="store_true", help="only rebuild the table from finished runs")
+    args = p.parse_args()
+    if args.paper:
+        args.seq_len, args.steps, args.lr, args.schedule, args.batch_size = (
+            4096,
+            400_000,
+            1e-4,
+            "constant",
+            64,
+        )
+        args.warmup_steps = 0
+    cells = [(a, layer) for a in args.archs.split(",") for layer in args.layers.split(",")]
+    args.out.mkdir(parents=True, exist_ok=True)
+    if not args.collect_only:
+        pending = list(cells)
+        running: list[tuple[subprocess.Popen, tuple, float]] = []
+        while pending or running:
+            while pending and len(running) < args.jobs:
+                a, layer = pending.pop(0)
+                run_dir = args.out / f"{a}-{layer}"
+                run_dir.mkdir(parents=True, exist_ok=True)
+                cmd = cell_command(args, a, layer, run_dir)
+                (run_dir / "command.txt").write_text(" ".join(cmd) + "\n")
+                log = open(run_dir / "train.log", "w")
+                env = dict(os.environ)
+                if args.threads:
+                    env["OMP_NUM_THREADS"] = str(args.threads)
+                running.append(
+                    (
+                        subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env),
+                        (a, layer),
+                        time.time(),
+                    )
+                )
+                print(f"[table1] started {a}/{layer}", flush=True)
+            time.sleep(2)
+            for proc, cell, t0 in list(running):
+                if proc.poll() is not None:
+                    running.remove((proc, cell, t0))
+                    dt = time.time() - t0
+                    msg = f"[table1] finished {cell[0]}/{cell[1]} rc={proc.returncode} in {dt:.0f}s"
+                    print(msg, flush=True)
+    rows = []
+    for a, layer in cells:
+        s = args.out / f"{a}-{layer}" / "summary.json"
+        if not s.exists():
+            rows.append({"arch": a, "layer": layer, "acc": None})
+            continue
+        summ = json.loads(s.read_text())
+        ev = summ["final_eval"].get(str(args.seq_len)) or next(iter(summ["final_eval"].values()), None)
+        rows.append(
+            {
+                "arch": a,
+                "layer": layer,
+                "acc": None if ev is None else 100 * ev["acc"],
+                "steps": summ["step"],
+                "wall_s": summ["wall_s"],
+                "interrupted": summ["interrupted"],
+            }
+        )
+    lines = [
+        "| Arch | Layer | ours acc (%) | steps | wall (s) | paper acc (%) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        paper = PAPER.get((r["arch"], "s4" if r["layer"] in ("s4", "s4d") else r["layer"]))
+        acc = "not run" if r["acc"] is None else f"{r['acc']:.1f}"
+        paper_txt = f"{paper} (S4)" if r["layer"] != "s6" else f"{paper}"
+        lines.append(
+            f"| {ARCH_NAME[r['arch']]} | {r['layer'].upper()} | {acc} | {r.get('steps', '')} | "
+            f"{r.get('wall_s', 0):.0f} | {paper_txt} |"
+        )
+    table = "\n".join(lines)
+    (args.out / "table1.md").write_text(table + "\n")
+    (args.out / "table1.json").write_text(
+        json.dumps({"args": vars(args) | {"out": str(args.out)}, "rows": rows}, indent=2)
+    )
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

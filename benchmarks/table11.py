@@ -1,0 +1,195 @@
+"""Mamba paper Table 11 (Induction Heads length extrapolation) at CPU scale.
+
+    python benchmarks/table11.py                  # Mamba (2 layers, d_model 64) and MHA-RoPE (2 layers,
+                                                  # d_model 128, 8 heads) trained at L=256, V=16, then
+                                                  # evaluated at 2^6 … 2^20 (attention: --attn-max-length)
+    python benchmarks/table11.py --models mamba --steps 4000 --jobs 2
+
+Each model is one ``ssmkit train`` run and one ``ssmkit eval`` run (subprocesses); long sequences are
+streamed through the recurrent state in chunks. Results: ``table11.md`` / ``table11.json`` in --out.
+Paper setup (Appendix E.1): batch 8, 25–50 epochs of 8192 steps, Adam, constant lr 1e-3 (Mamba) or 2e-4.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PAPER = {  # Gu & Dao (2023) Table 11, test accuracy (%) at 2^6 … 2^20; "✓" = 100, None = out of memory
+    "mha-abs": [100, 99.6, 100.0, 58.6, 26.6, 18.8, 9.8, 10.9, 7.8] + [None] * 6,
+    "mha-rope": [100, 100, 100.0, 83.6, 31.3, 18.4, 8.6, 9.0, 5.5] + [None] * 6,
+    "mamba": [100] * 15,
+}
+MODELS = {  # name -> (arch, layer, d_model, lr)
+    "mamba": ("mamba", "s6", 64, 1e-3),
+    "mha-rope": ("attention", "rope", 128, 2e-4),
+    "mha-abs": ("attention", "abs", 128, 2e-4),
+}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="mamba,mha-rope", help="comma-separated: mamba, mha-rope, mha-abs")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr-scale", type=float, default=1.0, help="multiply each model's paper learning rate")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--min-log2", type=int, default=6)
+    p.add_argument("--max-log2", type=int, default=20)
+    p.add_argument("--attn-max-length", type=int, default=2**14, help="the paper's attention limit: 2^14")
+    p.add_argument("--examples", type=int, default=256, help="validation examples per length")
+    p.add_argument("--max-tokens", type=int, default=2**23, help="cap examples at MAX_TOKENS // length")
+    p.add_argument("--chunk", type=int, default=8192)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--jobs", type=int, default=1)
+    p.add_argument(
+        "--time-limit", type=float, default=None, help="stop each training after this many seconds"
+    )
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", type=Path, default=Path("ssmkit-out/table11"))
+    p.add_argument("--collect-only", action="store_true")
+    args = p.parse_args()
+    names = args.models.split(",")
+    lengths = [2**k for k in range(args.min_log2, args.max_log2 + 1)]
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def commands(name: str) -> list[list[str]]:
+        arch, layer, d, lr = MODELS[name]
+        run = args.out / name
+        th = ["--threads", str(args.threads)] if args.threads else []
+        train = [
+            sys.executable,
+            "-m",
+            "ssmkit",
+            "train",
+            "--task",
+            "induction-heads",
+            "--arch",
+            arch,
+            "--layer",
+            layer,
+            "--d-model",
+            str(d),
+            "--n-layer",
+            "2",
+            "--seq-len",
+            str(args.seq_len),
+            "--vocab-size",
+            "16",
+            "--steps",
+            str(args.steps),
+            "--batch-size",
+            str(args.batch_size),
+            "--lr",
+            str(lr * args.lr_scale),
+            "--schedule",
+            "constant",
+            "--warmup-steps",
+            "100",
+            "--eval-every",
+            "500",
+            "--eval-examples",
+            "512",
+            "--device",
+            args.device,
+            "--out",
+            str(run),
+            "--no-progress",
+            *th,
+            *(["--time-limit-s", str(args.time_limit)] if args.time_limit else []),
+        ]
+        max_len = args.attn_max_length if arch == "attention" else lengths[-1]
+        ev = [
+            sys.executable,
+            "-m",
+            "ssmkit",
+            "eval",
+            str(run / "checkpoint.safetensors"),
+            "--lengths",
+            ",".join(map(str, lengths)),
+            "--examples",
+            str(args.examples),
+            "--max-tokens",
+            str(args.max_tokens),
+            "--max-length",
+            str(max_len),
+            "--chunk",
+            str(args.chunk),
+            "--device",
+            args.device,
+            *th,
+        ]
+        return [train, ev]
+
+    if not args.collect_only:
+        pending, running = list(names), []
+        while pending or running:
+            while pending and len(running) < args.jobs:
+                name = pending.pop(0)
+                (args.out / name).mkdir(parents=True, exist_ok=True)
+                cmds = commands(name)
+                (args.out / name / "command.txt").write_text("\n".join(" ".join(c) for c in cmds) + "\n")
+                script = " && ".join(" ".join(f"'{x}'" for x in c) for c in cmds)
+                env = dict(os.environ)
+                if args.threads:
+                    env["OMP_NUM_THREADS"] = str(args.threads)
+                log = open(args.out / name / "run.log", "w")
+                running.append(
+                    (
+                        subprocess.Popen(
+                            ["bash", "-c", script], stdout=log, stderr=subprocess.STDOUT, env=env
+                        ),
+                        name,
+                        time.time(),
+                    )
+                )
+                print(f"[table11] started {name}", flush=True)
+            time.sleep(2)
+            for item in list(running):
+                if item[0].poll() is not None:
+                    running.remove(item)
+                    dt = time.time() - item[2]
+                    print(f"[table11] finished {item[1]} rc={item[0].returncode} in {dt:.0f}s", flush=True)
+    header = (
+        "| Model | steps | train wall (s) | "
+        + " | ".join(f"2^{k}" for k in range(args.min_log2, args.max_log2 + 1))
+        + " |"
+    )
+    lines = [header, "|" + "---|" * (3 + len(lengths))]
+    result = {}
+    for name in names:
+        run = args.out / name
+        ev = run / "eval.json"
+        summ = run / "summary.json"
+        if not ev.exists() or not summ.exists():
+            lines.append(f"| {name} (ours) | not run | | " + " | ".join("" for _ in lengths) + " |")
+            continue
+        rows = {r["length"]: r for r in json.loads(ev.read_text())["rows"]}
+        s = json.loads(summ.read_text())
+        cells = [
+            "✗ (not run)" if rows.get(n, {}).get("skipped", True) else f"{100 * rows[n]['acc']:.1f}"
+            for n in lengths
+        ]
+        lines.append(f"| {name} (ours) | {s['step']} | {s['wall_s']:.0f} | " + " | ".join(cells) + " |")
+        result[name] = {"summary": s, "rows": list(rows.values())}
+    for name in names:
+        paper = PAPER[name][args.min_log2 - 6 : args.max_log2 - 5]
+        lines.append(
+            f"| {name} (paper) | | | " + " | ".join("✗" if v is None else f"{v:.1f}" for v in paper) + " |"
+        )
+    table = "\n".join(lines)
+    (args.out / "table11.md").write_text(table + "\n")
+    (args.out / "table11.json").write_text(
+        json.dumps({"args": vars(args) | {"out": str(args.out)}, "models": result}, indent=2)
+    )
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""`ssmkit eval CKPT`: accuracy of a trained model at many sequence lengths (length extrapolation).
+
+    ssmkit eval OUT/checkpoint.safetensors --task induction-heads --lengths 64,128,256,…,1048576
+
+Sequences longer than ``--chunk`` tokens are streamed through the model's recurrent state chunk by
+chunk, so memory stays constant in the length (an attention model's KV cache still grows). Writes
+``eval.json``, ``eval.csv`` and ``eval.png`` (accuracy against log2 length) into OUT.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+
+def _lengths(text: str) -> list[int]:
+    out = [int(x) for x in text.replace("…", "").split(",") if x.strip()]
+    if not out or any(n < 3 for n in out):
+        raise ValueError(f"--lengths must be comma-separated integers >= 3, got {text!r}")
+    return out
+
+
+def add_parser(sub) -> None:
+    from ssmkit.tasks import TASKS
+
+    p = sub.add_parser(
+        "eval", help="evaluate a checkpoint on a task at many lengths (streams long sequences)"
+    )
+    p.add_argument("checkpoint", type=Path, help="checkpoint.safetensors written by ssmkit train")
+    p.add_argument("--task", choices=sorted(TASKS), default=None, help="task (default: the training task)")
+    p.add_argument(
+        "--lengths",
+        type=_lengths,
+        default=None,
+        help="comma-separated lengths (default: the training length)",
+    )
+    p.add_argument("--examples", type=int, default=256, help="validation examples per length (default: 256)")
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=None,
+        help="cap examples per length at max(1, MAX_TOKENS // length), e.g. 8388608",
+    )
+    p.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help="skip (and report as not run) lengths above this, e.g. for attention memory",
+    )
+    p.add_argument(
+        "--chunk", type=int, default=4096, help="stream sequences longer than this (default: 4096)"
+    )
+    p.add_argument("--batch-size", type=int, default=32, help="examples per forward pass (default: 32)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda (default: cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: next to the checkpoint)")
+    p.set_defaults(func=_run)
+
+
+def evaluate_lengths(
+    model, task, lengths, examples, max_tokens, max_length, chunk, batch_size, device
+) -> list[dict]:
+    """One row {length, examples, acc, loss, seconds} per length (acc None when skipped)."""
+    from ssmkit.train.evaluate import evaluate
+
+    rows = []
+    for n in lengths:
+        if max_length is not None and n > max_length:
+            rows.append(
+                {"length": n, "examples": 0, "acc": None, "loss": None, "seconds": 0.0, "skipped": True}
+            )
+            print(f"[eval] L={n:>8}: skipped (--max-length {max_length})", flush=True)
+            continue
+        k = examples if max_tokens is None else max(1, min(examples, max_tokens // n))
+        data = task.validation_set(n, k)
+        t0 = time.perf_counter()
+        r = evaluate(model, data, batch_size=batch_size, chunk_size=chunk, device=device)
+        dt = time.perf_counter() - t0
+        rows.append(
+            {"length": n, "examples": k, "acc": r["acc"], "loss": r["loss"], "seconds": dt, "skipped": False}
+        )
+        print(
+            f"[eval] L={n:>8}: acc {100 * r['acc']:6.2f}%  loss {r['loss']:.4f}  ({k} examples, {dt:.1f}s)",
+            flush=True,
+        )
+    return rows
+
+
+def plot_rows(rows: list[dict], png: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in rows if not r["skipped"]]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.plot([r["length"] for r in done], [100 * r["acc"] for r in done], "o-")
+    ax.set(xscale="log", xlabel="sequence length", ylabel="accuracy (%)", ylim=(0, 102), title=title)
+    ax.xaxis.set_major_formatter(
+        matplotlib.ticker.FuncFormatter(lambda v, _: f"$2^{{{int(round(__import__('math').log2(v)))}}}$")
+    )
+    fig.tight_layout()
+    tmp = png.with_name(png.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, png)
+
+
+def _run(args) -> int:
+    import torch
+
+    from ssmkit.train.build import build_task, load_trained
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, header = load_trained(args.checkpoint)
+    model.to(args.device)
+    tspec = dict(header["task"])
+    if args.task:
+        tspec["task"] = args.task
+    task = build_task(tspec)
+    lengths = args.lengths or [tspec["seq_len"]]
+    rows = evaluate_lengths(
+        model,
+        task,
+        lengths,
+        args.examples,
+        args.max_tokens,
+        args.max_length,
+        args.chunk,
+        args.batch_size,
+        args.device,
+    )
+    out = args.out or args.checkpoint.parent
+    out.mkdir(parents=True, exist_ok=True)
+    result = {
+        "checkpoint": str(args.checkpoint),
+        "task": tspec,
+        "model": header["model"],
+        "step": header["step"],
+        "rows": rows,
+    }
+    tmp = out / "eval.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, out / "eval.json")
+    csv = "length,examples,acc,loss,seconds\n" + "".join(
+        f"{r['length']},{r['examples']},{'' if r['acc'] is None else r['acc']},"
+        f"{'' if r['loss'] is None else r['loss']},{r['seconds']:.3f}\n"
+        for r in rows
+    )
+    tmp = out / "eval.csv.tmp"
+    tmp.write_text(csv)
+    os.replace(tmp, out / "eval.csv")
+    cfg = header["model"]["config"]
+    plot_rows(rows, out / "eval.png", f"{tspec['task']}: {cfg.get('arch')}/{cfg.get('layer')}")
+    print(f"[eval] wrote {(out / 'eval.json').resolve()}, eval.csv, eval.png")
+    return 0

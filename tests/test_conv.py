@@ -1,0 +1,130 @@
+"""The fused causal depthwise conv1d + SiLU against independent references: a float64 per-step loop written
+here, and ``F.conv1d`` on the left-padded input; forward and every gradient."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ssmkit.layers.conv import causal_conv1d_silu, causal_conv1d_silu_reference
+
+
+def conv_silu_loop(x, w, bias, history):
+    """y_t = SiLU(bias + Σ_k w_k · xp_{t+k}) with xp = [history, x], one time step at a time."""
+    b, d, l = x.shape
+    K = w.shape[1]
+    hist = torch.zeros(b, d, K - 1, dtype=x.dtype) if history is None else history
+    xp = torch.cat([hist, x], dim=-1)  # (b, d, l + K − 1)
+    ys = []
+    for t in range(l):
+        a = (xp[:, :, t : t + K] * w).sum(-1)  # (b, d)
+        if bias is not None:
+            a = a + bias
+        ys.append(a * torch.sigmoid(a))
+    return torch.stack(ys, dim=-1)  # (b, d, l)
+
+
+def conv_silu_fconv(x, w, bias, history):
+    """SiLU(F.conv1d([history, x]))."""
+    b, d, _ = x.shape
+    K = w.shape[1]
+    hist = torch.zeros(b, d, K - 1, dtype=x.dtype) if history is None else history
+    return F.silu(F.conv1d(torch.cat([hist, x], -1), w[:, None], bias, groups=d))
+
+
+CASES = [
+    # (b, d, l, K, bias, history)
+    (1, 1, 1, 1, True, False),
+    (1, 5, 1, 4, True, False),
+    (2, 7, 3, 4, False, True),
+    (3, 17, 13, 4, True, True),
+    (2, 16, 40, 3, True, False),
+    (1, 9, 2, 2, False, False),
+    (2, 4, 5, 5, True, True),
+]
+
+
+def make(b, d, l, K, bias, history, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, d, l, generator=g, dtype=dtype)
+    w = torch.randn(d, K, generator=g, dtype=dtype) * 0.7
+    bb = torch.randn(d, generator=g, dtype=dtype) if bias else None
+    h = torch.randn(b, d, K - 1, generator=g, dtype=dtype) if history else None
+    return x, w, bb, h
+
+
+@pytest.mark.parametrize("b,d,l,K,bias,history", CASES)
+def test_forward_and_gradients_match_float64_loop(b, d, l, K, bias, history):
+    x, w, bb, h = make(b, d, l, K, bias, history)
+    inputs = [t.requires_grad_() for t in (x, w, bb, h) if t is not None]
+    grad_y = torch.randn(b, d, l, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    y = causal_conv1d_silu(x, w, bb, h)
+    grads = torch.autograd.grad(y, inputs, grad_y)
+    y_ref = conv_silu_loop(x, w, bb, h)
+    grads_ref = torch.autograd.grad(y_ref, inputs, grad_y)
+
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("b,d,l,K,bias,history", CASES[2:5])
+def test_float32_matches_f_conv1d(b, d, l, K, bias, history):
+    x, w, bb, h = make(b, d, l, K, bias, history, dtype=torch.float32, seed=3)
+    inputs = [t.requires_grad_() for t in (x, w, bb, h) if t is not None]
+    grad_y = torch.randn(b, d, l, generator=torch.Generator().manual_seed(4))
+    y = causal_conv1d_silu(x, w, bb, h)
+    y_ref = conv_silu_fconv(x, w, bb, h)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+    for g, g_ref in zip(torch.autograd.grad(y, inputs, grad_y), torch.autograd.grad(y_ref, inputs, grad_y)):
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5)
+
+
+def test_gradcheck_float64():
+    x, w, bb, h = make(2, 3, 6, 4, True, True, seed=5)
+    inputs = tuple(t.requires_grad_() for t in (x, w, bb, h))
+    assert torch.autograd.gradcheck(causal_conv1d_silu, inputs)
+
+
+def test_noncontiguous_input_and_grad_and_conv1d_weight_shape():
+    """x as the mixer makes it (a channel slice of a bigger tensor), a transposed upstream gradient, and
+    conv1d's own (d, 1, K) weight."""
+    x, w, bb, _ = make(2, 6, 9, 4, True, False, dtype=torch.float64, seed=7)
+    big = torch.randn(2, 12, 9, dtype=torch.float64)
+    big[:, :6] = x
+    x_view = big[:, :6].requires_grad_(False)
+    xv = x_view.clone().requires_grad_()
+    xs = big.requires_grad_()
+    grad_y = torch.randn(2, 9, 6, dtype=torch.float64).transpose(1, 2)  # (b, d, l), non-contiguous
+    y = causal_conv1d_silu(xs[:, :6], w[:, None], bb)
+    (g_big,) = torch.autograd.grad(y, xs, grad_y)
+    y_ref = conv_silu_loop(xv, w, bb, None)
+    (g_ref,) = torch.autograd.grad(y_ref, xv, grad_y)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g_big[:, :6], g_ref, rtol=1e-11, atol=1e-11)
+    assert torch.count_nonzero(g_big[:, 6:]) == 0
+
+
+def test_reference_twin_agrees():
+    x, w, bb, h = make(2, 5, 11, 4, True, True, seed=9)
+    torch.testing.assert_close(
+        causal_conv1d_silu_reference(x, w, bb, h), conv_silu_loop(x, w, bb, h), rtol=1e-12, atol=1e-12
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(x=torch.zeros(2, 3)), "x must be"),
+        (dict(x=torch.zeros(1, 3, 0)), "x must be"),
+        (dict(weight=torch.zeros(4, 4)), "weight must have shape"),
+        (dict(bias=torch.zeros(4)), "bias must have shape"),
+        (dict(history=torch.zeros(1, 3, 4)), "history must have shape"),
+        (dict(weight=torch.zeros(3, 4, dtype=torch.float64)), "weight must have x's dtype"),
+    ],
+)
+def test_bad_input(kwargs, match):
+    args = dict(x=torch.zeros(1, 3, 5), weight=torch.zeros(3, 4), bias=torch.zeros(3), history=None)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        causal_conv1d_silu(**args)
