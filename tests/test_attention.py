@@ -132,7 +132,9 @@ def test_bad_arguments():
 @pytest.mark.parametrize("positional", ["abs", "rope"])
 def test_cuda_matches_cpu(positional):
     torch.manual_seed(3)
-    blk = TransformerBlock(TransformerBlockConfig(d_model=32, n_heads=4, positional=positional, add_positions=True))
+    blk = TransformerBlock(
+        TransformerBlockConfig(d_model=32, n_heads=4, positional=positional, add_positions=True)
+    )
     x = torch.randn(2, 9, 32)
     expected = blk(x)
     blk_cuda = blk.cuda()

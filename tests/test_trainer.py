@@ -148,3 +148,25 @@ def test_bad_config():
         TrainConfig(schedule="step")
     with pytest.raises(ValueError, match="steps"):
         TrainConfig(steps=0)
+
+
+def test_time_limit_stops_saves_and_evaluates(tmp_path):
+    task = Copying(CopyingConfig(seq_len=8, n_tokens=2, vocab_size=6))
+    torch.manual_seed(0)
+    res = train(ToyLM(6), task, _cfg(50, time_limit_s=0.0), tmp_path)
+    assert res.step == 1 and not res.interrupted and 8 in res.final_eval
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["stopped_by_time_limit"] and summary["step"] == 1
+    _, header = read_checkpoint(tmp_path / "checkpoint.safetensors")
+    assert header["step"] == 1
+
+
+def test_bf16_autocast_runs_and_changes_numerics(tmp_path):
+    task = Copying(CopyingConfig(seq_len=8, n_tokens=2, vocab_size=6))
+    losses = {}
+    for bf16 in (False, True):
+        torch.manual_seed(0)
+        losses[bf16] = train(ToyLM(6), task, _cfg(3, bf16=bf16), tmp_path / str(bf16)).losses
+    assert all(math.isfinite(x) for x in losses[True])
+    assert losses[True] != losses[False]  # autocast really ran in bfloat16 …
+    torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=0.05, atol=0.05)

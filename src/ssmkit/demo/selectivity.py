@@ -6,7 +6,7 @@ architecture (d_model 64, state 16); only the inner layer differs: S6 (Δ, B, C 
 versus S4D (Δ, B, C fixed parameters). Each is trained briefly on the same seeded stream and scored on
 the same fixed validation set (accuracy over the answer tokens).
 
-Duration: ``SSMKIT_DEMO_STEPS`` optimiser steps per model (default 400; CI sets it small). The task is a
+Duration: ``SSMKIT_DEMO_STEPS`` optimiser steps per model (default 800; CI sets it small). The task is a
 shortened Selective Copying (L = ``SSMKIT_DEMO_SEQ_LEN``, default 64, M = 8 data tokens, V = 16) so the
 contrast appears within minutes on a laptop; ``benchmarks/table1.py`` runs the full-size grid.
 
@@ -43,7 +43,7 @@ def run(out_dir: Path) -> list[Path]:
     from ssmkit.train.metrics import read_metrics
     from ssmkit.train.trainer import TrainConfig, train
 
-    steps = _env_int("SSMKIT_DEMO_STEPS", 400)
+    steps = _env_int("SSMKIT_DEMO_STEPS", 800)
     seq_len = _env_int("SSMKIT_DEMO_SEQ_LEN", 64)
     task = SelectiveCopying(SelectiveCopyingConfig(seq_len=seq_len, n_tokens=8, vocab_size=16, seed=0))
     cfg = TrainConfig(

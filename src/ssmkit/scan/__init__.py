@@ -17,6 +17,15 @@ Recurrence (ZOH for A, Euler for B — Mamba's simplification, said out loud):
 
 Extensions beyond mamba-ssm: ``initial_state`` (b, d, n) to start from, and a ``last_state`` that
 carries gradient (so chunked training and state passing are differentiable).
+
+Backends (all take and return the same thing; ``reference`` is the slow twin the others are tested against):
+    reference   ``scan/reference.py``: the sequential loop, exact, float32/float64.
+    chunked     ``scan/chunked.py``: pure PyTorch blocked scan, any device, autograd.
+    cpu         ``scan/cpu.py``: the fused C++ kernel, built at first use.
+    mamba_ssm   (``auto`` on CUDA only) mamba-ssm's CUDA kernel, when installed and the call fits it.
+``backend="auto"`` (overridden by ``$SSMKIT_SCAN_BACKEND``) picks by device: CPU -> ``cpu`` if it builds,
+else ``chunked`` with one warning per process saying why; CUDA -> ``mamba_ssm`` if it imports and the call
+has no initial state / last-state gradient / float64, else ``chunked``; any other device -> ``chunked``.
 """
 
 from __future__ import annotations
