@@ -138,9 +138,11 @@ def run_once(name: str, x, backward: bool):
             t.grad = None
 
 
-def skip_reason(name: str, l: int, backward: bool) -> str | None:
+def skip_reason(name: str, l: int, backward: bool, skip_fwdbwd_above: dict[str, int]) -> str | None:
     if backward and name in ("transformers slow", "mamba-ssm ref") and l > SEQUENTIAL_BWD_MAX_L:
         return f"skipped: quadratic under autograd above l={SEQUENTIAL_BWD_MAX_L}"
+    if backward and name in skip_fwdbwd_above and l > skip_fwdbwd_above[name]:
+        return f"skipped on request above l={skip_fwdbwd_above[name]} (--skip-fwdbwd-above)"
     return unavailable(name)
 
 
@@ -225,12 +227,25 @@ def main(argv=None) -> None:
     p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS, help="implementations to run")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--no-write", action="store_true", help="print only; do not update docs/benchmarks.md")
+    p.add_argument(
+        "--skip-fwdbwd-above",
+        nargs="+",
+        default=[],
+        metavar="IMPL=L",
+        help='skip fwd+bwd of IMPL above length L, e.g. "ours (chunked)=2048" (for super-linear cases)',
+    )
     p.add_argument("--memory-child", nargs=4, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.memory_child:
         name, l, bwd, threads = args.memory_child
         memory_child(name, int(l), bool(int(bwd)), int(threads))
         return
+    skip_above = {}
+    for item in args.skip_fwdbwd_above:
+        impl, _, length = item.rpartition("=")
+        if impl not in IMPLS or not length.isdigit():
+            raise SystemExit(f"--skip-fwdbwd-above: expected IMPL=L with IMPL in {IMPLS}, got {item!r}")
+        skip_above[impl] = int(length)
     torch.set_num_threads(args.threads)
     load_start = os.getloadavg()[0]
     command = "python benchmarks/bench_scan.py " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -239,7 +254,7 @@ def main(argv=None) -> None:
         for name in args.impls:
             res = {"l": l, "impl": name}
             for mode, bwd in (("fwd", False), ("fwdbwd", True)):
-                why = skip_reason(name, l, bwd)
+                why = skip_reason(name, l, bwd, skip_above)
                 res[mode], res[mode + "_runs"] = (None, 0) if why else time_case(name, l, bwd, args.repeats)
                 res[mode + "_mem"] = (
                     None if (why or args.no_memory) else measure_memory(name, l, bwd, args.threads)
@@ -287,10 +302,15 @@ def render(rows, limit, args, command, load) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        why = r["fwdbwd_why"] or ""
         fb = (
-            fmt_ms(r["fwdbwd"])
+            fmt_ms(r["fwdbwd"], r["fwdbwd_runs"])
             if r["fwdbwd"] is not None
-            else ("skipped (quadratic)" if r["fwdbwd_why"] and "quadratic" in r["fwdbwd_why"] else "—")
+            else "skipped (quadratic)"
+            if "quadratic" in why
+            else "skipped (on request)"
+            if "request" in why
+            else "—"
         )
         lines.append(
             f"| {r['l']} | {r['impl']} | {fmt_ms(r['fwd'], r['fwd_runs'])} | {ratio(r, 'fwd')} | {fb} "

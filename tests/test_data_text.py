@@ -180,3 +180,10 @@ def test_token_dtype():
     assert token_dtype(65537) == np.uint32
     with pytest.raises(ValueError, match="vocab_size"):
         token_dtype(0)
+
+
+def test_a_folder_holding_the_cache_does_not_read_it(tmp_path):
+    (tmp_path / "a.txt").write_text("hello world\n" * 20)
+    first = TokenCorpus.build(Bytes(), tmp_path / "cache", tmp_path, val_fraction=0.1, verbose=False)
+    again = TokenCorpus.build(Bytes(), tmp_path / "cache", tmp_path, val_fraction=0.1, verbose=False)
+    assert again.bin_path == first.bin_path and first.meta.files == [str(tmp_path / "a.txt")]

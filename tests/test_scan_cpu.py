@@ -4,7 +4,8 @@ Oracle: ``selective_scan_reference`` run in float64 on the same values (an indep
 differentiated by autograd). Tolerances (relative to the norm of the expected tensor):
     float32 forward (out, last_state)  ≤ 1e-5
     float32 gradients                  ≤ 1e-4   (plus an element-wise check, rtol 1e-3 / atol 1e-3·max)
-    bfloat16 inputs: out and gradients are rounded to bf16 (2^-8 relative per element), so ≤ 1e-2;
+    bfloat16/float16 inputs: out and gradients are rounded to that dtype (≤ 2^-8 relative per element),
+                     so ≤ 1e-2;
                      last_state stays float32, ≤ 1e-5.
 Every test skips, with the reason, only when the extension cannot be built here.
 """
@@ -143,9 +144,11 @@ def test_two_threads_match_reference(chunk):
         torch.set_num_threads(threads)
 
 
-def test_bfloat16_inputs(chunk):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs(chunk, dtype):
+    """bf16/fp16 inputs, float32 state: out and grads carry the input dtype's rounding (≤ 2^-8 each)."""
     x = make_inputs(2, 33, chunk + 5, 16, bc=("var", "var"))
-    compare(x, dtype=torch.bfloat16, fwd_tol=1e-2, grad_tol=1e-2)
+    compare(x, dtype=dtype, fwd_tol=1e-2, grad_tol=1e-2)
 
 
 def test_length_zero(chunk):

@@ -295,9 +295,13 @@ class TokenCorpus:
         The ``.bin`` is written to a temporary file and renamed, then the ``.json`` sidecar likewise, so a
         sidecar's presence means a complete token file."""
         files, source = resolve_sources(data)
-        key = _cache_key(files, source, max_bytes, val_fraction, tokenizer_fingerprint(tokenizer))
         cache_dir = Path(cache_dir)
         cache_dir.mkdir(parents=True, exist_ok=True)
+        cache_abs = cache_dir.resolve()
+        files = [f for f in files if cache_abs not in f.resolve().parents]  # never read our own cache
+        if not files:
+            raise ValueError(f"data: {source} holds no files outside the token cache {cache_dir}")
+        key = _cache_key(files, source, max_bytes, val_fraction, tokenizer_fingerprint(tokenizer))
         bin_path = cache_dir / f"tokens-{key}.bin"
         meta_path = cache_dir / f"tokens-{key}.json"
         if meta_path.exists() and bin_path.exists():

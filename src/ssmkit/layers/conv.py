@@ -15,10 +15,16 @@ Backward, with g = ∂L/∂y and g' = g · SiLU'(a):
     ∂L/∂w_{c,k}   = Σ_{b,t} g'_{c,t} · xp_{c,t+k}
     ∂L/∂bias_c    = Σ_{b,t} g'_{c,t}
 
-Why not ``F.conv1d``: on CPU, PyTorch's depthwise ``convolution_backward`` for this shape (d = 1536
-channels, width 4, l = 2048) took ≈ 3.3 s per layer in our whole-model profile (benchmarks/bench_model.py),
-more than all the layer's matmuls together. Here every step is a contiguous K-term elementwise pass over
-(b, d, l), and the SiLU is applied in the same function so its pre-activation is saved once.
+Why not ``F.conv1d``: on CPU, PyTorch's depthwise ``convolution_backward`` for the mixer's shape (d = 1536
+channels, width 4, l = 2048, the input a transposed view of in_proj's output) took ≈ 3.3 s per layer in
+our whole-model profile (benchmarks/bench_model.py), more than all the layer's matmuls together.
+
+Two implementations, one contract:
+  * float32 on the CPU: a C++ kernel (``csrc/causal_conv1d_cpu.cpp``, built at first use with
+    ``torch.utils.cpp_extension`` and cached like the fused scan; ``SSMKIT_NO_CPU_EXT=1`` disables it).
+    One pass per row forward; the backward recomputes a from x, so only the inputs are saved.
+  * any other dtype/device, or when the kernel cannot be built (one warning): a ``torch.autograd.Function``
+    in pure PyTorch — K contiguous elementwise passes over (b, d, l), the pre-activation saved.
 The slow twin is :func:`causal_conv1d_silu_reference` (``F.conv1d`` on the padded input, then SiLU).
 
 Glossary: x the mixer's conv branch (b, d, l); K = d_conv the width; w = conv1d.weight[:, 0, :] (d, K);

@@ -63,6 +63,17 @@ def _at_least_f32(t: Tensor) -> Tensor:
     return t if t.dtype == torch.float64 else t.float()
 
 
+def _matmul_t(weight: Tensor, x: Tensor) -> Tensor:
+    """weight @ xᵀ per batch row: (o, i), (b, l, i) -> (b, o, l), written straight in that layout.
+
+    For b = 1 one ``mm`` with a transposed operand (BLAS reads it in place); ``torch.matmul`` would instead
+    compute x @ weightᵀ and copy the (l, o) result into (o, l) — a (b, o, l) copy per call.
+    """
+    if x.shape[0] == 1:
+        return torch.mm(weight, x[0].t()).unsqueeze(0)  # (1, o, l)
+    return torch.matmul(weight, x.transpose(1, 2))  # (b, o, l)
+
+
 class Mamba(nn.Module):
     """The Mamba (S6) mixer with mamba-ssm's parameters and initialisation.
 
@@ -202,7 +213,7 @@ class Mamba(nn.Module):
 
         # in_proj computed directly in the (b, 2·d_inner, l) layout the conv and the scan read, so x, z and
         # Δ below are contiguous (no transposes/copies; mamba-ssm does the same).
-        xz = torch.matmul(self.in_proj.weight, hidden_states.transpose(1, 2))  # (b, 2·d_inner, l)
+        xz = _matmul_t(self.in_proj.weight, hidden_states)  # (b, 2·d_inner, l)
         if self.in_proj.bias is not None:
             xz = xz + self.in_proj.bias[:, None]  # (b, 2·d_inner, l)
         x, z = xz.chunk(2, dim=1)  # (b, d_inner, l) each
@@ -221,7 +232,7 @@ class Mamba(nn.Module):
 
         x_dbl = self.x_proj(x.transpose(1, 2))  # (b, l, R + 2N)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = torch.matmul(self.dt_proj.weight, dt.transpose(1, 2))  # (b, d_inner, l); bias added in the scan
+        dt = _matmul_t(self.dt_proj.weight, dt)  # (b, d_inner, l); bias added in the scan
         B = B.transpose(1, 2)  # (b, N, l)
         C = C.transpose(1, 2)  # (b, N, l)
         A = -torch.exp(_at_least_f32(self.A_log))  # (d_inner, N)

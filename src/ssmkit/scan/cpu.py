@@ -19,7 +19,7 @@ Backward, per chunk in reverse: recompute h and Ā from the saved boundary state
     G_t = Ā_{t+1} G_{t+1} + dy_t C_t   (G_l starts from the gradient of last_state)
 and read every gradient off G_t, h_t, h_{t-1} (see docs/fused-scan.md).
 
-Dtypes: float32 and bfloat16 inputs (state and accumulation in float32; out in u's dtype; last_state
+Dtypes: float32, bfloat16 and float16 inputs (state and accumulation in float32; out in u's dtype; last_state
 float32). float64 is refused with a ValueError (the kernel is single precision; use the ``reference``
 or ``chunked`` backend for float64, e.g. for gradcheck).
 """
@@ -39,7 +39,7 @@ _SOURCES = ("selective_scan_cpu.cpp",)
 _HEADERS = ("vec_math.h",)
 _CFLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-std=c++17")
 _LDFLAGS = ("-fopenmp",)
-_SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
+_SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 _ext = None  # the loaded module
 _reason: str | None = None  # why it could not be loaded (cached)
@@ -215,8 +215,8 @@ def selective_scan_cpu(u, delta, A, B, C, D, z, delta_bias, delta_softplus, init
             raise ValueError(f"backend 'cpu' needs CPU tensors, got {name} on {t.device}")
         if t.dtype not in _SUPPORTED_DTYPES:
             raise ValueError(
-                f"backend 'cpu' computes in float32 and accepts float32 or bfloat16; got {name} of dtype "
-                f"{t.dtype} (use backend='reference' or 'chunked' for float64)"
+                f"backend 'cpu' computes in float32 and accepts float32, bfloat16 or float16; got {name} "
+                f"of dtype {t.dtype} (use backend='reference' or 'chunked' for float64)"
             )
     if A.shape[1] > 256:
         raise ValueError(f"backend 'cpu' supports d_state n <= 256, got A of shape {tuple(A.shape)}")

@@ -13,7 +13,9 @@ One step (global batch B split over W ranks, each rank holding B/W rows of the s
 
 Determinism: batch ``s`` is a pure function of (task seed, s); the learning rate is a pure function of s;
 the checkpoint carries model, AdamW state, RNG states and s. So "N steps, save, resume, N steps" equals
-"2N steps" exactly (``tests/test_trainer.py``).
+"2N steps" exactly (``tests/test_trainer.py``). The schedule has no state of its own: its settings are
+in the stored TrainConfig and its position is the step. Under DDP the checkpoint holds rank 0's RNG
+states; the tasks draw nothing from the global RNGs, so this matters only for models with dropout.
 
 Signals: SIGINT (Ctrl-C) and SIGTERM set a flag; at the end of the current step every rank agrees
 (the flag rides on the step's all-reduce), rank 0 saves a checkpoint, and ``train`` returns normally.
