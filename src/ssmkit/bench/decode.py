@@ -246,8 +246,8 @@ def run_decode_bench(cfg: DecodeBenchConfig, out_dir: Path | None = None, show_p
 def format_table(rows: list[DecodeRow]) -> str:
     """A fixed-width text table of the rows."""
     head = (
-        f"{'model':<12} {'context':>8} {'params':>11} {'prefill s':>10} {'ms/token':>9} {'mean':>8} {'min':>8} "
-        f"{'state':>11}"
+        f"{'model':<12} {'context':>8} {'params':>11} {'prefill s':>10} {'ms/token':>9} {'mean':>8} "
+        f"{'min':>8} {'state':>11}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
