@@ -133,8 +133,12 @@ def _rss_status() -> dict:
     return out
 
 
+_T0 = time.perf_counter()
+
+
 def _emit(record: dict) -> None:
-    print("RESULT " + json.dumps(record), flush=True)
+    """One line the driver parses; ``t`` = seconds since this worker started (to bound an unfinished run)."""
+    print("RESULT " + json.dumps({**record, "t": time.perf_counter() - _T0}), flush=True)
 
 
 def worker(impl: str, mode: str, length: int, repeats: int, threads: int, quick: bool, seed: int) -> None:
@@ -255,6 +259,9 @@ def run_case(impl, mode, length, args, cores: list[int] | None) -> dict:
     if killed == "oom":
         res["status"] = f"OOM (> {args.mem_cap_gb:g} GB)"
     elif killed == "budget" and not runs:
+        # the step in flight when the budget ran out had run at least this long (a warm-up step counts)
+        done_t = [r["t"] for r in records if r["event"] in ("built", "warmup")]
+        res["unfinished_s"] = res["wall_s"] - max(done_t) if done_t else None  # None: not even built
         res["status"] = f"> {budget:g} s"
     elif killed == "budget":
         res["status"] = f"ok ({len(runs)} of {repeats} runs within the budget)"
@@ -339,14 +346,16 @@ def table(results: list[dict], args) -> str:
                         f"{length / med:.1f}",
                     )
                     note = "" if r["status"] == "ok" else f" ({r['status']})"
+                elif r.get("unfinished_s"):
+                    time_s, tps, note = f"> {r['unfinished_s']:.0f} s (one step, unfinished)", "—", ""
                 else:
                     time_s, tps, note = r["status"], "—", ""
                 if impl == "ours-cpu" or ref_med is None:
                     ratio = "1×" if impl == "ours-cpu" and ref_med else "—"
                 elif med is not None:
                     ratio = f"{med / ref_med:.1f}×"
-                elif r["status"].startswith(">"):
-                    ratio = f"> {args.budget / ref_med:.0f}×"
+                elif r["status"].startswith(">") and r.get("unfinished_s"):
+                    ratio = f"> {r['unfinished_s'] / ref_med:.1f}×"
                 else:
                     ratio = "—"
                 n = f"{len(r['runs'])}{note}"

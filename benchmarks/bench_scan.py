@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -212,6 +213,38 @@ def machine_limit(repeats: int) -> float:
     return statistics.median(rates)
 
 
+def interleaved_limit(l: int, threads: list[int], repeats: int) -> list[str]:
+    """Ours (cpu) forward and the machine limit, alternated run by run so both see the same load."""
+    from ssmkit.scan.cpu import machine_limit as limit_run
+
+    x = make_inputs(l, False)
+    lines = [
+        f"Interleaved (each ours-forward run at l={l} followed by a machine-limit run, {repeats} pairs, "
+        "medians; the fairest % on a shared machine):",
+        "",
+        "| threads | ours forward | ours G state-updates/s | machine limit G/s | % of limit |",
+        "|---|---|---|---|---|",
+    ]
+    saved = torch.get_num_threads()
+    for th in threads:
+        torch.set_num_threads(th)
+        ours, lim = [], []
+        with torch.no_grad():
+            run_once("ours (cpu)", x, False)
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                run_once("ours (cpu)", x, False)
+                ours.append(time.perf_counter() - t0)
+                dt, updates = limit_run(D_STATE, 5000)
+                lim.append(updates / dt / 1e9)
+        t = statistics.median(ours)
+        rate = D_MODEL_INNER * l * D_STATE / t / 1e9
+        mlim = statistics.median(lim)
+        lines.append(f"| {th} | {fmt_ms(t)} | {rate:.2f} | {mlim:.2f} | {100 * rate / mlim:.0f}% |")
+    torch.set_num_threads(saved)
+    return lines
+
+
 def fmt_ms(t: float | None, runs: int = 0) -> str:
     if t is None:
         return "—"
@@ -234,6 +267,9 @@ def main(argv=None) -> None:
         metavar="IMPL=L",
         help='skip fwd+bwd of IMPL above length L, e.g. "ours (chunked)=2048" (for super-linear cases)',
     )
+    p.add_argument(
+        "--limit-only", action="store_true", help="only the interleaved ours-vs-machine-limit study (prints)"
+    )
     p.add_argument("--memory-child", nargs=4, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.memory_child:
@@ -246,9 +282,12 @@ def main(argv=None) -> None:
         if impl not in IMPLS or not length.isdigit():
             raise SystemExit(f"--skip-fwdbwd-above: expected IMPL=L with IMPL in {IMPLS}, got {item!r}")
         skip_above[impl] = int(length)
+    if args.limit_only:
+        print("\n".join(interleaved_limit(2048, sorted({1, args.threads}), max(args.repeats, 7))))
+        return
     torch.set_num_threads(args.threads)
     load_start = os.getloadavg()[0]
-    command = "python benchmarks/bench_scan.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python benchmarks/bench_scan.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     rows = []  # (l, impl, fwd, fwdbwd, mem_fwd, mem_bwd, note)
     for l in args.lengths:
         for name in args.impls:
@@ -270,6 +309,8 @@ def main(argv=None) -> None:
     limit = machine_limit(args.repeats) if unavailable("ours (cpu)") is None else None
     load = (load_start, os.getloadavg()[0])
     table = render(rows, limit, args, command, load)
+    if limit is not None:
+        table += "\n\n" + "\n".join(interleaved_limit(2048, sorted({1, args.threads}), max(args.repeats, 7)))
     print()
     print(table)
     if not args.no_write:

@@ -112,6 +112,11 @@ def test_cli_resume_and_skip(tmp_path):
         main(["train", "--resume", str(out / "checkpoint.safetensors"), "--no-progress"]) == 0
     )  # already done
     assert json.loads((out / "summary.json").read_text())["step"] == 4
+    ckpt = str(out / "checkpoint.safetensors")
+    assert main(["train", "--resume", ckpt, "--no-progress", "--total-steps", "6"]) == 0  # extend the run
+    assert json.loads((out / "summary.json").read_text())["step"] == 6
+    with pytest.raises(ValueError, match="below the checkpoint"):
+        main(["train", "--resume", ckpt, "--total-steps", "2"])
     assert (
         main(
             [

@@ -72,6 +72,16 @@ def add_parser(sub) -> None:
     from ssmkit.train.lm import add_lm_args
 
     add_lm_args(p)  # --task lm: its flags and defaults (ssmkit.train.lm)
+    p.add_argument(
+        "--total-steps",
+        type=int,
+        default=None,
+        help="with --resume: train until this many steps in total (exactly the longer run only for a "
+        "constant schedule; a cosine schedule is stretched)",
+    )
+    p.add_argument(
+        "--no-time-limit", action="store_true", help="with --resume: drop the stored --time-limit-s"
+    )
     p.set_defaults(func=_run)
 
 
@@ -92,7 +102,17 @@ def _run(args) -> int:
         model_spec, tspec = header["model"], header["task"]
         cfg = TrainConfig(**header["train"])
         cfg.progress = args.progress
+        if args.total_steps is not None:
+            if args.total_steps < header["step"]:
+                raise ValueError(
+                    f"--total-steps {args.total_steps} is below the checkpoint's step {header['step']}"
+                )
+            cfg.steps = args.total_steps
+        if args.no_time_limit:
+            cfg.time_limit_s = None
         out = args.out or args.resume.parent
+    elif args.total_steps is not None or args.no_time_limit:
+        raise ValueError("--total-steps and --no-time-limit only apply with --resume")
     else:
         model_spec = sequence_model_spec(
             vocab_size=args.vocab_size,
