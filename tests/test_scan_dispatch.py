@@ -113,12 +113,12 @@ def test_empty_env_means_auto(fresh, monkeypatch):
 def test_cuda_choice(fresh, monkeypatch):
     """On CUDA: mamba-ssm when it imports and the call is compatible, else chunked (one warning)."""
     monkeypatch.setattr(scan, "_mamba_ssm_scan", lambda: lambda *a: None)
-    assert scan._auto_backend("cuda", mamba_compatible=True) == "mamba_ssm"
-    assert scan._auto_backend("cuda", mamba_compatible=False) == "chunked"
+    assert scan._auto_backend("cuda", torch.float32, mamba_compatible=True) == "mamba_ssm"
+    assert scan._auto_backend("cuda", torch.float32, mamba_compatible=False) == "chunked"
     monkeypatch.setattr(scan, "_mamba_ssm_scan", lambda: None)
     with pytest.warns(RuntimeWarning, match="mamba_ssm is not installed"):
-        assert scan._auto_backend("cuda", mamba_compatible=True) == "chunked"
-    assert scan._auto_backend("mps", mamba_compatible=True) == "chunked"
+        assert scan._auto_backend("cuda", torch.float32, mamba_compatible=True) == "chunked"
+    assert scan._auto_backend("mps", torch.float32, mamba_compatible=True) == "chunked"
 
 
 def test_mamba_ssm_compatibility_rules():
@@ -141,3 +141,11 @@ def test_backends_agree_through_public_function(fresh):
     torch.testing.assert_close(out_c, out_r, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(last_c, last_r, rtol=1e-12, atol=1e-12)
     assert fresh == ["selective_scan_reference", "selective_scan_chunked"]
+
+
+def test_float64_auto_uses_chunked(fresh, monkeypatch):
+    """The fused kernel is float32-only by design; "auto" sends float64 to the exact chunked backend."""
+    monkeypatch.delenv(scan.ENV_VAR, raising=False)
+    monkeypatch.setattr(scan, "_cpu_unavailable_reason", lambda: None)
+    assert scan.resolve_backend("auto", torch.zeros(1, 1, 1, dtype=torch.float64)) == "chunked"
+    assert scan.resolve_backend("auto", torch.zeros(1, 1, 1, dtype=torch.float32)) == "cpu"

@@ -89,7 +89,7 @@ class S6(nn.Module):
             )
             self.dt_proj.bias.copy_(inverse_softplus(dt))
         A = torch.arange(1, d_state + 1, dtype=torch.float64).repeat(d_model, 1)  # (d, N)
-        self.A_log = nn.Parameter(torch.log(A).to(**f))  # (d, N)
+        self.A_log = nn.Parameter(torch.log(A).to(device, dtype or torch.get_default_dtype()))  # (d, N)
         self.D = nn.Parameter(torch.ones(d_model, **f))  # (d,)
         for p in (self.A_log, self.D, self.dt_proj.bias):
             p._ssm_optim = dict(SSM_OPTIM)

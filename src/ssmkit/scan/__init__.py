@@ -145,14 +145,17 @@ def _mamba_ssm_compatible(u, A, D, delta_bias, initial_state, last_state_grad: b
     )
 
 
-def _auto_backend(device_type: str, mamba_compatible: bool) -> str:
+def _auto_backend(device_type: str, dtype: torch.dtype, mamba_compatible: bool) -> str:
     """The choice of ``backend="auto"``: "cpu" | "chunked" | "mamba_ssm" (CUDA only).
 
-    CPU tensors: the fused ``cpu`` kernel when it builds, else ``chunked`` with one warning per process.
+    CPU tensors: the fused ``cpu`` kernel when it builds, else ``chunked`` with one warning per process;
+    float64 always goes to ``chunked`` (the fused kernel computes in float32 by design).
     CUDA tensors: mamba-ssm's kernel when the package imports and the call is ``mamba_compatible``, else
     ``chunked`` (one warning per process when mamba-ssm is missing). Other devices: ``chunked``.
     """
     if device_type == "cpu":
+        if dtype == torch.float64:
+            return "chunked"
         reason = _cpu_unavailable_reason()
         if reason is None:
             return "cpu"
@@ -187,7 +190,7 @@ def resolve_backend(backend: str, u: Tensor, mamba_compatible: bool = False) -> 
         if backend not in BACKENDS:
             raise ValueError(f"environment variable {ENV_VAR} must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return _auto_backend(u.device.type, mamba_compatible)
+        return _auto_backend(u.device.type, u.dtype, mamba_compatible)
     if backend == "cpu":
         if u.device.type != "cpu":
             raise ValueError(f"backend 'cpu' needs CPU tensors, got u on {u.device}")
