@@ -30,7 +30,7 @@ def sequence_model_spec(**config) -> dict:
 def build_model(spec: dict) -> torch.nn.Module:
     """A freshly initialised float32 model from its spec (uses the current torch RNG).
 
-    ``.float()`` makes the training dtype explicit: some layers build parameters in float64 first.
+    ``.float()`` makes the training dtype explicit whatever torch's default dtype is.
     """
     kind = spec.get("kind")
     if kind == "sequence":
