@@ -25,8 +25,9 @@ tensors instead of the reference's (b, d, n):
 A block of one chunk (k = 1: large b·d·n, or l ≤ c) knows its start state, so it runs pass 3 alone — the
 reference's loop. Inputs are copied once to time-major (b, l, d) layout, so that a step's slice has d
 contiguous. Exponentials are taken as exp2(Δ · A·log2 e) (as mamba-ssm's CUDA kernel does): PyTorch's CPU
-exp2 is several times faster than its exp. Under autograd, pass 3 reuses pass 1's Ā_t and B̄_t u_t (autograd
-keeps them anyway); without it, it recomputes them (cheaper than a round trip through memory).
+exp2 is several times faster than its exp. Under autograd each block is checkpointed (recomputed in the
+backward pass), so the memory kept for the backward is O(b·d·l), not (b, d, l, n); inside a block, pass 3
+reuses pass 1's Ā_t and B̄_t u_t when autograd keeps them anyway, else recomputes them.
 
 Why not the segment-sum (SSD) matmul form of Mamba-2 (``reference/mamba.md`` §1.9)? There A is a scalar per
 head, so the intra-chunk decay exp(segsum(ΔA)) is a (c, c) matrix shared by all state entries. Here A is
@@ -35,7 +36,7 @@ i.e. c times more exponentials than the recurrence itself. The blocked recurrenc
 reference's arithmetic (each exponent is Δ_t·A or Σ Δ_t·A — never a difference of cumulative sums, never a
 growing positive number when Δ ≥ 0 and A ≤ 0), with about k/2 times fewer Python steps, and keeps
 per-position (b, d, n) tensors only for one block of c·k positions at a time (never (b, d, l, n) for the
-whole sequence, except what autograd saves for the backward pass).
+whole sequence: under autograd each block is checkpointed).
 
 Accumulation is float32 (float64 when u is float64); bf16/fp16 inputs are accepted and upcast. The output is
 cast back to u's dtype; the last state stays in the accumulation dtype, like the reference.
@@ -46,6 +47,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 CHUNK_SIZE = 32
 """Default chunk length c: the number of sequential Python steps per pass and block."""
@@ -172,14 +174,9 @@ def selective_scan_chunked(
     if chunks_per_block is None:  # keep one step's (b, k, d, n) tensors about 1 MiB: cache-resident
         chunks_per_block = max(1, _STEP_ELEMENTS // max(1, b * d * n))
     A_ = A_[None, None]  # (1, 1, d, n)
-    # Under autograd, pass 1's Ā_t and B̄_t u_t are saved for the backward pass anyway: reuse them in pass 3.
-    # Without autograd, recomputing them is cheaper than a round trip of a whole block through memory.
-    keep = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (u, delta, A, B, C, delta_bias)
-    )
-    ys = []
-    for k0 in range(0, nc, chunks_per_block):
-        k = min(chunks_per_block, nc - k0)  # chunks in this block
+
+    def run_block(state: Tensor, k0: int, k: int) -> tuple[Tensor, Tensor]:
+        """Chunks k0 .. k0+k-1 from their start state -> (outputs (b, k·c, d) time-major, end state)."""
         t0, t1 = k0 * c, (k0 + k) * c  # the block's positions
         if k == 1:  # one chunk: its start state is known, so a single sequential pass suffices
             h, y_blk = state, []
@@ -189,11 +186,9 @@ def selective_scan_chunked(
                 Bx = _times_b(x_t[:, now], B_t[:, now] if varB else B_t, varB, GB)  # (b, 1, d, n)
                 h = torch.addcmul(Bx[:, 0], dA, h)  # (b, d, n)
                 y_blk.append(_contract_c(h[:, None], C_t[:, now] if varC else C_t, varC, GC))  # (b, 1, d)
-            state = h
-            ys.append(torch.cat(y_blk, dim=1))  # (b, c, d), time-major
-            continue
+            return torch.cat(y_blk, dim=1), h  # (b, c, d), (b, d, n)
 
-        # 1. local pass: what each chunk adds to the state, starting from zero.
+        keep = torch.is_grad_enabled()  # under autograd pass 3 reuses pass 1's terms (saved anyway)
         h, kept = None, []
         for t in range(c):
             dA, Bx = _step_terms(dt_t, x_t, A_, B_t, varB, GB, slice(t0 + t, t1, c))  # (b, k, d, n) each
@@ -202,7 +197,6 @@ def selective_scan_chunked(
                 kept.append((dA, Bx))
         h_end = h  # (b, k, d, n)
 
-        # 2. carry pass: the true state at the start of every chunk of the block.
         dt_sum = dt_t[:, t0:t1].reshape(b, k, c, d).sum(2)  # (b, k, d)
         decay = torch.exp2(dt_sum[..., None] * A_)  # (b, k, d, n)
         starts = []
@@ -211,14 +205,28 @@ def selective_scan_chunked(
             state = torch.addcmul(h_end[:, j], decay[:, j], state)  # (b, d, n)
         h = torch.stack(starts, dim=1)  # (b, k, d, n)
 
-        # 3. output pass: the recurrence again from the true chunk-start states; y_t = C_t · h_t.
         y_blk = []
         for t in range(c):  # Ā_t, B̄_t u_t: pass 1's under autograd, else recomputed
             step = slice(t0 + t, t1, c)
             dA, Bx = kept[t] if keep else _step_terms(dt_t, x_t, A_, B_t, varB, GB, step)  # (b, k, d, n)
             h = torch.addcmul(Bx, dA, h)  # (b, k, d, n)
             y_blk.append(_contract_c(h, C_t[:, step] if varC else C_t, varC, GC))  # (b, k, d)
-        ys.append(torch.stack(y_blk, dim=2).reshape(b, k * c, d))  # (b, k·c, d), time-major
+        return torch.stack(y_blk, dim=2).reshape(b, k * c, d), state  # (b, k·c, d), (b, d, n)
+
+    # Under autograd each block is checkpointed: only its start state is kept, and its (b, k·c, d, n)
+    # intermediates are recomputed in the backward pass, so memory stays O(b·d·l + one block), never
+    # (b, d, l, n) — at the price of running the forward twice.
+    grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (u, delta, A, B, C, delta_bias, initial_state)
+    )
+    ys = []
+    for k0 in range(0, nc, chunks_per_block):
+        k = min(chunks_per_block, nc - k0)  # chunks in this block
+        if grad:
+            y_blk, state = checkpoint(run_block, state, k0, k, use_reentrant=False)
+        else:
+            y_blk, state = run_block(state, k0, k)
+        ys.append(y_blk)  # (b, k·c, d), time-major
 
     y = _swap_last2((ys[0] if len(ys) == 1 else torch.cat(ys, dim=1))[:, :l])  # (b, d, l)
     if D is not None:
