@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ssmkit.generate import GenerationMixin
 from ssmkit.layers.mamba import Mamba, MambaState
 from ssmkit.layers.norm import RMSNorm
 from ssmkit.models.config import MambaConfig
@@ -107,7 +108,7 @@ def init_weights(model: nn.Module, n_layer: int, initializer_range: float = 0.02
                 p.div_(math.sqrt(n_layer))
 
 
-class MambaLM(nn.Module):
+class MambaLM(GenerationMixin, nn.Module):
     """Mamba language model with mamba-ssm ``MambaLMHeadModel`` state-dict keys.
 
     Args:
@@ -173,41 +174,6 @@ class MambaLM(nn.Module):
         if cache is not None:
             cache.seqlen_offset += input_ids.shape[1]
         return self.lm_head(hidden.to(self.lm_head.weight.dtype)).float()  # (b, l, V_pad)
-
-    @torch.no_grad()
-    def generate(
-        self,
-        input_ids: Tensor,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        min_p: float = 0.0,
-        repetition_penalty: float = 1.0,
-        eos_token_id: int | None = None,
-        generator: torch.Generator | None = None,
-        streamer=None,
-    ) -> Tensor:
-        """Autoregressive generation over the cache; see :func:`ssmkit.generate.generate`.
-
-        Returns:
-            (b, l + k) token ids, prompt included (k <= max_new_tokens; fewer when every row hit EOS).
-        """
-        from ssmkit.generate import generate
-
-        return generate(
-            self,
-            input_ids,
-            max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            min_p=min_p,
-            repetition_penalty=repetition_penalty,
-            eos_token_id=eos_token_id,
-            generator=generator,
-            streamer=streamer,
-        )
 
     # ------------------------------------------------------------------ checkpoints
     @classmethod

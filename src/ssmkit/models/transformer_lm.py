@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ssmkit.generate import GenerationMixin
 from ssmkit.layers.attention import MultiheadAttention, apply_rope, rope_angles, sinusoidal_positions
 
 MODEL_TYPE = "ssmkit-transformer"
@@ -197,7 +198,7 @@ class GPTBlock(nn.Module):
         return x + self.mlp(self.norm2(x))  # (b, l, D)
 
 
-class TransformerLM(nn.Module):
+class TransformerLM(GenerationMixin, nn.Module):
     """GPT-style language model with the :class:`ssmkit.MambaLM` interface (see the module docstring)."""
 
     def __init__(self, config: TransformerConfig):
@@ -285,37 +286,6 @@ class TransformerLM(nn.Module):
         if num_last_tokens > 0:
             hidden = hidden[:, -num_last_tokens:]  # (b, k, D)
         return self.lm_head(self.norm_f(hidden)).float()  # (b, l, V_pad)
-
-    @torch.no_grad()
-    def generate(
-        self,
-        input_ids: Tensor,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        min_p: float = 0.0,
-        repetition_penalty: float = 1.0,
-        eos_token_id: int | None = None,
-        generator: torch.Generator | None = None,
-        streamer=None,
-    ) -> Tensor:
-        """Autoregressive generation over the KV cache; see :func:`ssmkit.generate.generate`."""
-        from ssmkit.generate import generate
-
-        return generate(
-            self,
-            input_ids,
-            max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            min_p=min_p,
-            repetition_penalty=repetition_penalty,
-            eos_token_id=eos_token_id,
-            generator=generator,
-            streamer=streamer,
-        )
 
     # ------------------------------------------------------------------ checkpoints
     def save_pretrained(self, path: str | os.PathLike) -> None:
