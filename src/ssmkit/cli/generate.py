@@ -28,9 +28,12 @@ def add_parser(sub) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL penalty; 1 = off")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator (default 0)")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
-    p.add_argument("--interactive", action="store_true",
-                   help="prompt loop: read a prompt per line from the terminal (type \\n for a newline), "
-                   "stream the continuation; an empty line or Ctrl-D ends (each prompt starts afresh)")
+    p.add_argument(
+        "--interactive",
+        action="store_true",
+        help="prompt loop: read a prompt per line from the terminal (type \\n for a newline), "
+        "stream the continuation; an empty line or Ctrl-D ends (each prompt starts afresh)",
+    )
     p.set_defaults(func=_run)
 
 
