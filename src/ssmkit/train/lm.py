@@ -153,8 +153,8 @@ LM_DEFAULTS = {
     "ckpt_every": 100,
 }
 """Defaults of ``ssmkit train --task lm`` (Mamba, byte tokens, stdlib corpus): 1.8 M parameters,
-400 steps × 16 × 256 = 1.6 M tokens — about 13.5 minutes at the 2,025 tokens/s measured with 2 threads
-on an otherwise idle machine (docs/lm.md)."""
+400 steps × 16 × 256 = 1.6 M tokens — about 2 min 40 s (≈ 10,000 tokens/s) on a quiet 2-core machine
+(docs/lm.md)."""
 
 
 class _DefaultInt(int):
