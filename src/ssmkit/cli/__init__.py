@@ -6,7 +6,7 @@ import sys
 from importlib import import_module
 
 # Subcommand modules, in the order `ssmkit --help` lists them.
-COMMANDS = ["demo", "train", "eval", "generate", "bench", "convert", "plot"]
+COMMANDS = ["demo", "train", "eval", "generate", "bench", "convert"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,13 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
-        try:
-            module = import_module(f"ssmkit.cli.{name}")
-        except ModuleNotFoundError as err:
-            if err.name != f"ssmkit.cli.{name}":
-                raise
-            continue  # subcommand not built yet
-        module.add_parser(sub)
+        import_module(f"ssmkit.cli.{name}").add_parser(sub)
     return parser
 
 
