@@ -79,6 +79,34 @@ class Task(Protocol):
         ...
 
 
+class SyntheticTask:
+    """The seeded stream shared by the synthetic tasks. A subclass sets ``name`` and implements
+    ``make_batch(n, length, generator)``; its config has ``seq_len``, ``vocab_size`` and ``seed``.
+
+    Training batch of ``step``: drawn from generator (seed, 1, step), the global batch then sharded by rank.
+    Validation set: drawn from generator (seed, 2, length, n_examples), so it is fixed per length.
+    """
+
+    name: str
+
+    def __init__(self, config):
+        self.config = config
+        self.make_batch(1, config.seq_len, torch.Generator())  # validates the configuration
+        self.vocab_size = config.vocab_size
+        self.seq_len = config.seq_len
+
+    def make_batch(self, n: int, length: int, generator: torch.Generator) -> Batch:
+        raise NotImplementedError
+
+    def train_batch(self, step: int, batch_size: int, rank: int = 0, world_size: int = 1) -> Batch:
+        g = make_generator(self.config.seed, 1, step)
+        return shard(self.make_batch(batch_size * world_size, self.config.seq_len, g), rank, world_size)
+
+    def validation_set(self, length: int, n_examples: int) -> Batch:
+        g = make_generator(self.config.seed, 2, length, n_examples)
+        return self.make_batch(n_examples, length, g)
+
+
 def masked_loss_sums(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Cross-entropy and accuracy over the scored positions only.
 

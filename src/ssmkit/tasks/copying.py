@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ssmkit.tasks.base import IGNORE, Batch, make_generator, shard
+from ssmkit.tasks.base import IGNORE, Batch, SyntheticTask
 
 
 def copying_batch(
@@ -56,26 +56,14 @@ class CopyingConfig:
     """Seed of the training stream and the validation sets."""
 
 
-class Copying:
+class Copying(SyntheticTask):
     """Seeded Copying stream; see the module docstring for the layout."""
 
     name = "copying"
 
     def __init__(self, config: CopyingConfig | None = None):
-        self.config = config or CopyingConfig()
-        c = self.config
-        copying_batch(1, c.seq_len, c.n_tokens, c.vocab_size, torch.Generator())  # validate
-        self.vocab_size = c.vocab_size
-        self.seq_len = c.seq_len
+        super().__init__(config or CopyingConfig())
 
-    def train_batch(self, step: int, batch_size: int, rank: int = 0, world_size: int = 1) -> Batch:
+    def make_batch(self, n: int, length: int, generator: torch.Generator) -> Batch:
         c = self.config
-        g = make_generator(c.seed, 1, step)
-        return shard(
-            copying_batch(batch_size * world_size, c.seq_len, c.n_tokens, c.vocab_size, g), rank, world_size
-        )
-
-    def validation_set(self, length: int, n_examples: int) -> Batch:
-        c = self.config
-        g = make_generator(c.seed, 2, length, n_examples)
-        return copying_batch(n_examples, length, c.n_tokens, c.vocab_size, g)
+        return copying_batch(n, length, c.n_tokens, c.vocab_size, generator)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ssmkit.tasks.base import IGNORE, Batch, make_generator, shard
+from ssmkit.tasks.base import IGNORE, Batch, SyntheticTask
 
 
 def induction_heads_batch(
@@ -63,26 +63,14 @@ class InductionHeadsConfig:
     """Seed of the training stream and the validation sets."""
 
 
-class InductionHeads:
+class InductionHeads(SyntheticTask):
     """Seeded Induction Heads stream; see the module docstring for the layout."""
 
     name = "induction-heads"
 
     def __init__(self, config: InductionHeadsConfig | None = None):
-        self.config = config or InductionHeadsConfig()
-        c = self.config
-        induction_heads_batch(1, c.seq_len, c.vocab_size, torch.Generator())  # validate
-        self.vocab_size = c.vocab_size
-        self.seq_len = c.seq_len
+        super().__init__(config or InductionHeadsConfig())
 
-    def train_batch(self, step: int, batch_size: int, rank: int = 0, world_size: int = 1) -> Batch:
+    def make_batch(self, n: int, length: int, generator: torch.Generator) -> Batch:
         c = self.config
-        g = make_generator(c.seed, 1, step)
-        return shard(
-            induction_heads_batch(batch_size * world_size, c.seq_len, c.vocab_size, g), rank, world_size
-        )
-
-    def validation_set(self, length: int, n_examples: int) -> Batch:
-        c = self.config
-        g = make_generator(c.seed, 2, length, n_examples)
-        return induction_heads_batch(n_examples, length, c.vocab_size, g)
+        return induction_heads_batch(n, length, c.vocab_size, generator)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ssmkit.tasks.base import IGNORE, Batch, make_generator, shard
+from ssmkit.tasks.base import IGNORE, Batch, SyntheticTask
 
 
 def selective_copying_batch(
@@ -62,25 +62,14 @@ class SelectiveCopyingConfig:
     """Seed of the training stream and the validation sets."""
 
 
-class SelectiveCopying:
+class SelectiveCopying(SyntheticTask):
     """Seeded Selective Copying stream; see the module docstring for the layout."""
 
     name = "selective-copying"
 
     def __init__(self, config: SelectiveCopyingConfig | None = None):
-        self.config = config or SelectiveCopyingConfig()
-        c = self.config
-        selective_copying_batch(1, c.seq_len, c.n_tokens, c.vocab_size, torch.Generator())  # validate
-        self.vocab_size = c.vocab_size
-        self.seq_len = c.seq_len
+        super().__init__(config or SelectiveCopyingConfig())
 
-    def train_batch(self, step: int, batch_size: int, rank: int = 0, world_size: int = 1) -> Batch:
+    def make_batch(self, n: int, length: int, generator: torch.Generator) -> Batch:
         c = self.config
-        g = make_generator(c.seed, 1, step)
-        full = selective_copying_batch(batch_size * world_size, c.seq_len, c.n_tokens, c.vocab_size, g)
-        return shard(full, rank, world_size)
-
-    def validation_set(self, length: int, n_examples: int) -> Batch:
-        c = self.config
-        g = make_generator(c.seed, 2, length, n_examples)
-        return selective_copying_batch(n_examples, length, c.n_tokens, c.vocab_size, g)
+        return selective_copying_batch(n, length, c.n_tokens, c.vocab_size, generator)
