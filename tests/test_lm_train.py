@@ -65,6 +65,7 @@ def test_tiny_lm_learns_repetitive_text(task, kind, tmp_path):
         steps=40,
         batch_size=16,
         lr=1e-2,
+        schedule="cosine",
         warmup_steps=5,
         eval_every=20,
         eval_examples=8,
@@ -217,3 +218,41 @@ def test_cli_train_lm_with_a_tokenizer_json(tmp_path, capsys):
     ids = tok.encode(SENTENCE * 20).ids  # the validation text is 20 sentences
     ratio = len(ids) / len((SENTENCE * 20).encode())
     assert curve[-1]["val_bpb"] == pytest.approx(curve[-1]["val_loss"] / math.log(2) * ratio, rel=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["mamba", "transformer"])
+def test_cli_eval_lm_checkpoint_streams_and_matches_a_full_forward(tmp_path, capsys, kind):
+    """`ssmkit eval` on an LM run's checkpoint: the loss at each length (48 tokens streamed through the
+    state / KV cache in chunks of 16) equals one full forward's mean cross-entropy over the same windows,
+    and bits/byte = loss / ln 2 for byte tokens."""
+    import json
+
+    import torch.nn.functional as F
+
+    from ssmkit.cli import main
+    from ssmkit.train.build import build_task, load_trained
+
+    (tmp_path / "fox.txt").write_text(SENTENCE * 100)
+    out = tmp_path / "run"
+    extra = ["--n-head", "2"] if kind == "transformer" else []
+    argv = ["train", "--task", "lm", "--model", kind, "--data", str(tmp_path / "fox.txt"), "--d-model", "32"]
+    argv += ["--n-layer", "1", "--seq-len", "16", "--steps", "3", "--batch-size", "4", "--eval-every", "0"]
+    argv += ["--eval-examples", "4", "--val-fraction", "0.2", "--out", str(out), "--no-progress", *extra]
+    assert main(argv) == 0
+    ckpt = out / "checkpoint.safetensors"
+    assert main(["eval", str(ckpt), "--lengths", "16,48", "--examples", "5", "--chunk", "16"]) == 0
+    assert "bits/byte" in capsys.readouterr().out
+    rows = {r["length"]: r for r in json.loads((out / "eval.json").read_text())["rows"]}
+    model, header = load_trained(ckpt)
+    task = build_task(header["task"])
+    for length in (16, 48):
+        data = task.validation_set(length, 5)
+        with torch.no_grad():
+            logits = model(data.inputs).double()  # (n, l, V) in one pass
+        ref = F.cross_entropy(logits.flatten(0, 1), data.targets.flatten()).item()
+        assert rows[length]["examples"] == 5
+        assert rows[length]["loss"] == pytest.approx(ref, rel=1e-5)
+        assert rows[length]["bpb"] == pytest.approx(ref / math.log(2), rel=1e-5)
+    assert (out / "eval.png").is_file() and "bpb" in (out / "eval.csv").read_text().splitlines()[0]
+    with pytest.raises(ValueError, match="language model"):
+        main(["eval", str(ckpt), "--task", "copying"])

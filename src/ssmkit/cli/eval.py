@@ -1,6 +1,8 @@
 """`ssmkit eval CKPT`: accuracy of a trained model at many sequence lengths (length extrapolation).
 
     ssmkit eval OUT/checkpoint.safetensors --task induction-heads --lengths 64,128,256,…,1048576
+    ssmkit eval LM-RUN/checkpoint.safetensors --lengths 256,1024    (--task lm runs: loss and bits/byte
+                                                                   on the validation split)
 
 Sequences longer than ``--chunk`` tokens are streamed through the model's recurrent state chunk by
 chunk, so memory stays constant in the length (an attention model's KV cache still grows). Writes
@@ -88,7 +90,8 @@ def evaluate_lengths(
     return rows
 
 
-def plot_rows(rows: list[dict], png: Path, title: str) -> None:
+def plot_rows(rows: list[dict], png: Path, title: str, metric: str = "acc") -> None:
+    """Accuracy (``metric="acc"``) or bits per byte (``"bpb"``) against log2 length, written atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -96,8 +99,13 @@ def plot_rows(rows: list[dict], png: Path, title: str) -> None:
 
     done = [r for r in rows if not r["skipped"]]
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    ax.plot([r["length"] for r in done], [100 * r["acc"] for r in done], "o-")
-    ax.set(xscale="log", xlabel="sequence length", ylabel="accuracy (%)", ylim=(0, 102), title=title)
+    if metric == "acc":
+        ax.plot([r["length"] for r in done], [100 * r["acc"] for r in done], "o-")
+        ax.set(ylabel="accuracy (%)", ylim=(0, 102))
+    else:
+        ax.plot([r["length"] for r in done], [r[metric] for r in done], "o-")
+        ax.set(ylabel="validation bits per byte")
+    ax.set(xscale="log", xlabel="sequence length", title=title)
     ax.xaxis.set_major_formatter(
         matplotlib.ticker.FuncFormatter(lambda v, _: f"$2^{{{int(round(__import__('math').log2(v)))}}}$")
     )
@@ -118,9 +126,12 @@ def _run(args) -> int:
     model, header = load_trained(args.checkpoint)
     model.to(args.device)
     tspec = dict(header["task"])
+    is_lm = tspec["task"] == "lm"
     if args.task:
+        if is_lm:
+            raise ValueError(f"--task {args.task}: {args.checkpoint} is a language model (task 'lm')")
         tspec["task"] = args.task
-    task = build_task(tspec)
+    task = build_task(tspec, verbose=is_lm)
     lengths = args.lengths or [tspec["seq_len"]]
     rows = evaluate_lengths(
         model,
@@ -133,6 +144,11 @@ def _run(args) -> int:
         args.batch_size,
         args.device,
     )
+    if is_lm:
+        for r in rows:
+            r["bpb"] = None if r["loss"] is None else task.bits_per_byte(r["loss"])
+            if r["bpb"] is not None:
+                print(f"[eval] L={r['length']:>8}: {r['bpb']:.4f} bits/byte", flush=True)
     out = args.out or args.checkpoint.parent
     out.mkdir(parents=True, exist_ok=True)
     result = {
@@ -145,15 +161,19 @@ def _run(args) -> int:
     tmp = out / "eval.json.tmp"
     tmp.write_text(json.dumps(result, indent=2))
     os.replace(tmp, out / "eval.json")
-    csv = "length,examples,acc,loss,seconds\n" + "".join(
-        f"{r['length']},{r['examples']},{'' if r['acc'] is None else r['acc']},"
-        f"{'' if r['loss'] is None else r['loss']},{r['seconds']:.3f}\n"
-        for r in rows
-    )
+    cols = ["length", "examples", "acc", "loss", *(["bpb"] if is_lm else []), "seconds"]
+
+    def cell(r: dict, c: str) -> str:
+        return "" if r[c] is None else (f"{r[c]:.3f}" if c == "seconds" else str(r[c]))
+
+    csv = ",".join(cols) + "\n" + "".join(",".join(cell(r, c) for c in cols) + "\n" for r in rows)
     tmp = out / "eval.csv.tmp"
     tmp.write_text(csv)
     os.replace(tmp, out / "eval.csv")
     cfg = header["model"]["config"]
-    plot_rows(rows, out / "eval.png", f"{tspec['task']}: {cfg.get('arch')}/{cfg.get('layer')}")
+    if is_lm:
+        plot_rows(rows, out / "eval.png", f"lm: {header['model']['kind']}", metric="bpb")
+    else:
+        plot_rows(rows, out / "eval.png", f"{tspec['task']}: {cfg.get('arch')}/{cfg.get('layer')}")
     print(f"[eval] wrote {(out / 'eval.json').resolve()}, eval.csv, eval.png")
     return 0

@@ -4,8 +4,11 @@ Specs are plain JSON stored in every training checkpoint, so ``ssmkit eval CKPT`
 
     model: {"kind": "sequence", "config": {SequenceModelConfig fields}}   (SSM ablation or attention)
            {"kind": "mamba_lm", "config": {MambaConfig fields}}
+           {"kind": "transformer_lm", "config": {TransformerConfig fields}}
     task:  {"task": "selective-copying" | "induction-heads" | "copying", "seq_len", "vocab_size",
             "seed", "n_tokens"}
+           {"task": "lm", "data", "tokenizer", "seq_len", "val_fraction", "max_bytes", "seed",
+            "token_cache"}                                                   (``ssmkit train --task lm``)
 """
 
 from __future__ import annotations
@@ -42,14 +45,26 @@ def build_model(spec: dict) -> torch.nn.Module:
         from ssmkit.models.mamba_lm import MambaLM
 
         return MambaLM(MambaConfig(**spec["config"])).float()
-    raise ValueError(f"model spec kind must be 'sequence' or 'mamba_lm', got {kind!r}")
+    if kind == "transformer_lm":
+        from ssmkit.models.transformer_lm import TransformerConfig, TransformerLM
+
+        return TransformerLM(TransformerConfig(**spec["config"])).float()
+    raise ValueError(f"model spec kind must be 'sequence', 'mamba_lm' or 'transformer_lm', got {kind!r}")
 
 
 def task_spec(name: str, seq_len: int, vocab_size: int, seed: int = 0, n_tokens: int = 16) -> dict:
     return {"task": name, "seq_len": seq_len, "vocab_size": vocab_size, "seed": seed, "n_tokens": n_tokens}
 
 
-def build_task(spec: dict) -> Task:
+def build_task(spec: dict, verbose: bool = False) -> Task:
+    """The task a spec describes; for ``lm`` the tokenizer and the (cached) token file are rebuilt."""
+    if spec["task"] == "lm":
+        from ssmkit.train.lm import LMDataConfig, load_lm_tokenizer, make_lm_task
+
+        data = LMDataConfig(
+            spec["data"], spec["seq_len"], spec["val_fraction"], spec["max_bytes"], spec["seed"]
+        )
+        return make_lm_task(load_lm_tokenizer(spec["tokenizer"]), data, spec["token_cache"], verbose)
     return make_task(
         spec["task"], spec["seq_len"], spec["vocab_size"], spec.get("seed", 0), spec.get("n_tokens", 16)
     )

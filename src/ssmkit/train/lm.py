@@ -146,6 +146,7 @@ LM_DEFAULTS = {
     "steps": 400,
     "batch_size": 16,
     "lr": 2e-3,
+    "schedule": "cosine",
     "warmup_steps": 30,
     "weight_decay": 0.1,
     "eval_every": 50,
@@ -165,9 +166,15 @@ class _DefaultFloat(float):
     unset = True
 
 
+class _DefaultStr(str):
+    unset = True
+
+
 def _tag(value):
     if isinstance(value, bool) or value is None:
         raise ValueError(f"cannot tag default {value!r}")
+    if isinstance(value, str):
+        return _DefaultStr(value)
     return _DefaultInt(value) if isinstance(value, int) else _DefaultFloat(value)
 
 
@@ -243,20 +250,6 @@ def load_lm_tokenizer(path: str | os.PathLike | None):
     return load_tokenizer(folder)
 
 
-def build_lm(spec: dict):
-    """A freshly initialised LM from a model spec {"kind": "mamba_lm" | "transformer_lm", "config": …}."""
-    if spec["kind"] == "mamba_lm":
-        from ssmkit.models.config import MambaConfig
-        from ssmkit.models.mamba_lm import MambaLM
-
-        return MambaLM(MambaConfig(**spec["config"]))
-    if spec["kind"] == "transformer_lm":
-        from ssmkit.models.transformer_lm import TransformerConfig, TransformerLM
-
-        return TransformerLM(TransformerConfig(**spec["config"]))
-    raise ValueError(f"model spec kind must be 'mamba_lm' or 'transformer_lm', got {spec['kind']!r}")
-
-
 def save_lm(model, tokenizer, folder: Path) -> Path:
     """``save_pretrained`` the model into ``folder`` and put the tokenizer beside it (tokenizer.json and
     tokenizer_config.json copied; nothing for bytes, which ``load_tokenizer`` assumes when absent)."""
@@ -280,6 +273,7 @@ def run_lm(args) -> int:
     import time
 
     from ssmkit.cli._dataclass_args import dataclass_from_args
+    from ssmkit.train.build import build_model, build_task
     from ssmkit.train.checkpoint import read_checkpoint
     from ssmkit.train.trainer import TrainConfig, train
 
@@ -310,15 +304,12 @@ def run_lm(args) -> int:
         cfg = dataclass_from_args(TrainConfig, args)
         model_spec = None  # set below, once the tokenizer's vocabulary is known
     tokenizer = load_lm_tokenizer(tspec["tokenizer"])
-    data_cfg = LMDataConfig(
-        tspec["data"], tspec["seq_len"], tspec["val_fraction"], tspec["max_bytes"], tspec["seed"]
-    )
     is_main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 prints and saves
-    task = make_lm_task(tokenizer, data_cfg, tspec["token_cache"], verbose=is_main)
+    task = build_task(tspec, verbose=is_main)
     if model_spec is None:
         model_spec = _model_spec(args, tokenizer.vocab_size)
     torch.manual_seed(tspec["seed"])
-    model = build_lm(model_spec)
+    model = build_model(model_spec)
     n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     say = print if is_main else (lambda *a, **k: None)
     say(
