@@ -63,15 +63,14 @@ def _at_least_f32(t: Tensor) -> Tensor:
     return t if t.dtype == torch.float64 else t.float()
 
 
-def _matmul_t(weight: Tensor, x: Tensor) -> Tensor:
-    """weight @ xᵀ per batch row: (o, i), (b, l, i) -> (b, o, l), written straight in that layout.
+def _wx(weight: Tensor, x: Tensor) -> Tensor:
+    """weight @ x[i] for every batch row i: (o, k), (b, k, l) -> (b, o, l) contiguous.
 
-    For b = 1 one ``mm`` with a transposed operand (BLAS reads it in place); ``torch.matmul`` would instead
-    compute x @ weightᵀ and copy the (l, o) result into (o, l) — a (b, o, l) copy per call.
+    One batched GEMM with the weight broadcast over the batch: BLAS reads a transposed ``x`` (a
+    ``(b, l, k)`` tensor's ``.transpose(1, 2)``) in place. ``torch.matmul`` would instead fold the batch
+    into the rows and copy a transposed operand or result, a (b, ·, l) copy per call forward and backward.
     """
-    if x.shape[0] == 1:
-        return torch.mm(weight, x[0].t()).unsqueeze(0)  # (1, o, l)
-    return torch.matmul(weight, x.transpose(1, 2))  # (b, o, l)
+    return torch.bmm(weight.expand(x.shape[0], -1, -1), x)
 
 
 class Mamba(nn.Module):
@@ -213,7 +212,7 @@ class Mamba(nn.Module):
 
         # in_proj computed directly in the (b, 2·d_inner, l) layout the conv and the scan read, so x, z and
         # Δ below are contiguous (no transposes/copies; mamba-ssm does the same).
-        xz = _matmul_t(self.in_proj.weight, hidden_states)  # (b, 2·d_inner, l)
+        xz = _wx(self.in_proj.weight, hidden_states.transpose(1, 2))  # (b, 2·d_inner, l)
         if self.in_proj.bias is not None:
             xz = xz + self.in_proj.bias[:, None]  # (b, 2·d_inner, l)
         x, z = xz.chunk(2, dim=1)  # (b, d_inner, l) each
@@ -230,11 +229,13 @@ class Mamba(nn.Module):
             state.conv_state = tail[:, :, -self.d_conv :].to(state.conv_state.dtype)  # (b, d_inner, d_conv)
         x = causal_conv1d_silu(x, w, bias, history)  # (b, d_inner, l)
 
-        x_dbl = self.x_proj(x.transpose(1, 2))  # (b, l, R + 2N)
-        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = _matmul_t(self.dt_proj.weight, dt)  # (b, d_inner, l); bias added in the scan
-        B = B.transpose(1, 2)  # (b, N, l)
-        C = C.transpose(1, 2)  # (b, N, l)
+        # Everything stays in the (b, channels, l) layout: weight @ x per batch row is one batched matmul
+        # that reads and writes it directly, so no (b, d_inner, l) transpose copies, forward or backward.
+        x_dbl = _wx(self.x_proj.weight, x)  # (b, R + 2N, l)
+        if self.x_proj.bias is not None:
+            x_dbl = x_dbl + self.x_proj.bias[:, None]
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)  # (b, ·, l) views
+        dt = _wx(self.dt_proj.weight, dt)  # (b, d_inner, l); bias added in the scan
         A = -torch.exp(_at_least_f32(self.A_log))  # (d_inner, N)
 
         result = selective_scan(
@@ -255,4 +256,7 @@ class Mamba(nn.Module):
             state.ssm_state = _at_least_f32(last)
         else:
             y = result  # (b, d_inner, l)
-        return self.out_proj(y.transpose(1, 2))  # (b, l, d_model)
+        out = _wx(self.out_proj.weight, y)  # (b, d_model, l)
+        if self.out_proj.bias is not None:
+            out = out + self.out_proj.bias[:, None]
+        return out.transpose(1, 2)  # (b, l, d_model), a view: the residual add reads it in place

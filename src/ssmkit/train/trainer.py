@@ -78,11 +78,11 @@ class TrainConfig:
     """Clip the global gradient norm to this (0: off)."""
     bf16: bool = False
     """Run forward/backward under bfloat16 autocast (state and accumulation stay float32)."""
-    eval_every: int = 200
+    eval_every: int = 500
     """Evaluate every this many steps (and at the end); 0: only at the end."""
     eval_lengths: list[int] = field(default_factory=list)
     """Validation lengths (empty: the task's training length)."""
-    eval_examples: int = 256
+    eval_examples: int = 512
     """Examples per validation set."""
     eval_chunk: int | None = None
     """Stream validation sequences longer than this through the recurrent state (None: never)."""
