@@ -2,7 +2,7 @@
 
     python benchmarks/table1.py                          # CPU scale: L=256, M=16, V=16, 2 layers,
                                                          # d_model 64, batch 16, constant lr 1e-3,
-                                                         # 24000 steps, 2 cells at a time, 1 thread each
+                                                         # 12000 steps, 2 cells at a time, 1 thread each
     python benchmarks/table1.py --jobs 6 --threads 2     # more cells in parallel on a bigger machine
     python benchmarks/table1.py --paper                  # Appendix E.1: L=4096, 400K steps, constant lr 1e-4,
                                                          # batch 64 (needs a GPU and days)
@@ -108,7 +108,7 @@ def main() -> int:
     p.add_argument("--vocab-size", type=int, default=16)
     p.add_argument("--d-model", type=int, default=64)
     p.add_argument("--n-layer", type=int, default=2)
-    p.add_argument("--steps", type=int, default=24000)
+    p.add_argument("--steps", type=int, default=12000)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--schedule", default="constant")
