@@ -137,13 +137,14 @@ class TransformerBlockConfig:
     positional: str = "rope"
     """'abs' (sinusoids added by the first block), 'rope' (rotary in every block) or 'none'."""
     mlp_ratio: int = 4
-    """MLP hidden width as a multiple of d_model."""
+    """MLP hidden width as a multiple of d_model; 0: no MLP (an attention-only block)."""
     add_positions: bool = False
     """Add the sinusoidal position embedding to the input (the first block of an 'abs' model)."""
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm block: x ← x + Attn(LN(x)); x ← x + MLP(LN(x)). Same call shape as ``layers.blocks``:
+    """Pre-norm block: x ← x + Attn(LN(x)); x ← x + MLP(LN(x)) (MLP only if mlp_ratio > 0). Same call
+    shape as ``layers.blocks``:
     ``forward(x, state=None, return_state=False)``, ``step(x_t, state)``, ``new_state(batch)``."""
 
     def __init__(self, config: TransformerBlockConfig):
@@ -151,12 +152,16 @@ class TransformerBlock(nn.Module):
         c = self.config = config
         self.norm1 = nn.LayerNorm(c.d_model)
         self.attn = MultiheadAttention(c.d_model, c.n_heads, c.positional)
-        self.norm2 = nn.LayerNorm(c.d_model)
-        self.mlp = nn.Sequential(
-            nn.Linear(c.d_model, c.mlp_ratio * c.d_model),
-            nn.GELU(),
-            nn.Linear(c.mlp_ratio * c.d_model, c.d_model),
-        )
+        if c.mlp_ratio < 0:
+            raise ValueError(f"mlp_ratio must be >= 0, got {c.mlp_ratio}")
+        self.norm2 = self.mlp = None
+        if c.mlp_ratio > 0:
+            self.norm2 = nn.LayerNorm(c.d_model)
+            self.mlp = nn.Sequential(
+                nn.Linear(c.d_model, c.mlp_ratio * c.d_model),
+                nn.GELU(),
+                nn.Linear(c.mlp_ratio * c.d_model, c.d_model),
+            )
 
     def new_state(self, batch: int, device=None, dtype=None) -> KVCache:
         return self.attn.new_state(batch, device, dtype)
@@ -169,7 +174,8 @@ class TransformerBlock(nn.Module):
             x = x + sinusoidal_positions(pos, self.config.d_model).to(x.device, x.dtype)  # (b, l, d)
         a, new = self.attn(self.norm1(x), state)  # (b, l, d)
         x = x + a
-        x = x + self.mlp(self.norm2(x))  # (b, l, d)
+        if self.mlp is not None:
+            x = x + self.mlp(self.norm2(x))  # (b, l, d)
         return (x, new) if return_state else x
 
     def step(self, x_t: Tensor, state: KVCache) -> tuple[Tensor, KVCache]:

@@ -117,12 +117,10 @@ class SequenceModel(nn.Module):
         self.embedding = nn.Embedding(vocab_size, d_model, **f)
         nn.init.normal_(self.embedding.weight, std=0.02)
         if arch == "attention":  # pre-norm Transformer blocks; the first adds absolute positions if "abs"
-            self.layers = nn.ModuleList(
-                TransformerBlock(TransformerBlockConfig(d_model, N_HEADS, layer, add_positions=i == 0)).to(
-                    **f
-                )
-                for i in range(n_layer)
-            )
+            # Attention only, no MLP: the Mamba paper's MHA baselines of Table 11 have 137K parameters at
+            # 2 layers × d_model 128, which is exactly embedding + 2 × (q, k, v, out projections) + head.
+            blocks = [TransformerBlockConfig(d_model, N_HEADS, layer, 0, i == 0) for i in range(n_layer)]
+            self.layers = nn.ModuleList(TransformerBlock(c).to(**f) for c in blocks)
         else:
             self.layers = nn.ModuleList(
                 Block(d_model, arch, layer, d_state, d_conv, expand, s4d_init, dt_min, dt_max, norm_eps, **f)
