@@ -66,12 +66,15 @@ def test_sinusoids_closed_form():
             assert pe[r, 2 * i + 1].item() == pytest.approx(math.cos(m * w), abs=1e-6)
 
 
+@pytest.mark.parametrize("mlp_ratio", [4, 0])
 @pytest.mark.parametrize("positional", ["abs", "rope"])
-def test_kv_cache_decode_and_chunks_equal_full_forward(positional):
+def test_kv_cache_decode_and_chunks_equal_full_forward(positional, mlp_ratio):
     torch.manual_seed(1)
     blocks = [
         TransformerBlock(
-            TransformerBlockConfig(d_model=32, n_heads=4, positional=positional, add_positions=i == 0)
+            TransformerBlockConfig(
+                d_model=32, n_heads=4, positional=positional, mlp_ratio=mlp_ratio, add_positions=i == 0
+            )
         )
         for i in range(2)
     ]
@@ -142,3 +145,22 @@ def test_cuda_matches_cpu(positional):
     y1, st = blk_cuda(x[:, :4].cuda(), st, return_state=True)
     y2, _ = blk_cuda(x[:, 4:].cuda(), st, return_state=True)
     torch.testing.assert_close(torch.cat([y1, y2], 1).cpu(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_sequence_model_attention_is_attention_only_like_the_papers_137k_baseline():
+    """Mamba paper Table 11: MHA with 2 layers, d_model 128 has 137K parameters — embedding, 2 × (q, k, v,
+    out) projections and the head, no MLP. Count ours from the formula, not from the module."""
+    from ssmkit.models.sequence import SequenceModel, SequenceModelConfig
+
+    d, V, n = 128, 16, 2
+    m = SequenceModel.from_config(
+        SequenceModelConfig(vocab_size=V, d_model=d, n_layer=n, arch="attention", layer="rope")
+    )
+    per_layer = 4 * (d * d + d) + 2 * d  # q, k, v, out (with bias) + the pre-norm LayerNorm
+    head = 0 if m.config.tie_embeddings else V * d  # the head shares the embedding when tied
+    expected = V * d + n * per_layer + d + head  # + the final RMSNorm
+    assert sum(p.numel() for p in m.parameters()) == expected
+    assert 130_000 < expected < 140_000
+    assert all(blk.mlp is None for blk in m.layers)
+    with pytest.raises(ValueError, match="mlp_ratio"):
+        TransformerBlock(TransformerBlockConfig(d_model=8, n_heads=2, mlp_ratio=-1))
