@@ -109,6 +109,25 @@ def test_float32_paths_match_float64_loop(impl, b, d, l, K, bias, history):
         torch.testing.assert_close(g.double(), g_ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("impl", [_cpp_apply, _torch_apply], ids=["cpp", "torch"])
+def test_extreme_preactivations_stay_finite(impl):
+    """SiLU at pre-activations where exp(−a) overflows float32 (a < −88.7): a training run hit a NaN at
+    a = −88.74 (the fast-math exp overflowed). Identity weights make the pre-activation equal x; the
+    values and gradients must equal the float64 formula, finite everywhere."""
+    a = torch.tensor([-1e4, -200.0, -100.0, -88.74, -88.0, -20.0, 0.0, 20.0, 88.0, 100.0, 200.0])
+    x = a.reshape(1, 1, -1).repeat(2, 3, 1).contiguous().requires_grad_()  # (b, d, l)
+    w = torch.zeros(3, 4)
+    w[:, -1] = 1.0  # the tap on the current step only
+    w.requires_grad_()
+    y = impl(x, w, None, None)
+    (gx,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    a64 = a.double()
+    torch.testing.assert_close(y[0, 0].double(), a64 * torch.sigmoid(a64), rtol=1e-5, atol=1e-30)
+    s = torch.sigmoid(a64)
+    torch.testing.assert_close(gx[0, 0].double(), s * (1 + a64 * (1 - s)), rtol=1e-4, atol=1e-30)
+    assert torch.isfinite(y).all() and torch.isfinite(gx).all()
+
+
 def test_float32_uses_the_cpp_kernel_when_available(monkeypatch):
     if conv.unavailable_reason() is not None:
         pytest.skip("C++ conv kernel unavailable")

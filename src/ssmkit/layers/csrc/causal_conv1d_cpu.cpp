@@ -18,6 +18,10 @@
 
 namespace {
 
+// exp's argument is capped here: under -ffast-math (finite-math-only) an overflowing expf (a < −88.7)
+// may come back as inf or garbage and a / (1 + inf) as NaN. SiLU(a) for a < −88 is below 1e-36 anyway.
+constexpr float kExpMax = 88.f;
+
 // a[t] = bias + sum_k w[k] * xp[t + k],  xp = [hist (K-1), x (l)]; rows computed into `a` (length l).
 inline void preact(const float* x, const float* hist, const float* w, float bias, int64_t K, int64_t l,
                    float* a) {
@@ -62,7 +66,7 @@ torch::Tensor fwd(torch::Tensor x, torch::Tensor w, torch::Tensor bias, torch::T
       float* a = yp + r * l;
       preact(xp + ib * sxb + c * sxc, hp ? hp + r * (K - 1) : nullptr, wp + c * K, bp ? bp[c] : 0.f, K, l, a);
 #pragma omp simd
-      for (int64_t t = 0; t < l; ++t) a[t] = a[t] / (1.f + std::exp(-a[t]));
+      for (int64_t t = 0; t < l; ++t) a[t] = a[t] / (1.f + std::exp(std::min(-a[t], kExpMax)));
     }
   });
   return y;
@@ -103,7 +107,7 @@ std::vector<torch::Tensor> bwd(torch::Tensor x, torch::Tensor w, torch::Tensor b
 #pragma omp simd reduction(+ : db)
       for (int64_t t = 0; t < l; ++t) {  // g' = gy * SiLU'(a) = gy * σ(a) (1 + a (1 - σ(a)))
         const float a = g[t];
-        const float s = 1.f / (1.f + std::exp(-a));
+        const float s = 1.f / (1.f + std::exp(std::min(-a, kExpMax)));
         g[t] = gyr[t] * s * (1.f + a * (1.f - s));
         db += g[t];
       }
