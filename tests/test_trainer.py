@@ -49,6 +49,13 @@ def test_lr_factor_closed_forms():
     assert lr_factor(t, "cosine", w, s, r) == pytest.approx(
         r + (1 - r) * 0.5 * (1 + math.cos(math.pi * 25 / 100))
     )
+    # wsd over S = 100: warmup 4, flat until step 79, then (1 - 0.9·k/20) for the k-th of the last 20 steps
+    assert lr_factor(0, "wsd", 4, 100, 0.1) == pytest.approx(0.25)
+    assert [lr_factor(s, "wsd", 4, 100, 0.1) for s in (4, 50, 79)] == [1.0, 1.0, 1.0]
+    assert lr_factor(80, "wsd", 4, 100, 0.1) == pytest.approx(1 - 0.9 / 20)
+    assert lr_factor(89, "wsd", 4, 100, 0.1) == pytest.approx(1 - 0.9 * 10 / 20)
+    assert lr_factor(99, "wsd", 4, 100, 0.1) == pytest.approx(0.1)
+    assert lr_factor(150, "wsd", 4, 100, 0.1) == pytest.approx(0.1)
     with pytest.raises(ValueError, match="schedule"):
         lr_factor(0, "linear", 0, 10)
 
