@@ -37,7 +37,7 @@ def add_dataclass_args(parser, cls, skip: tuple[str, ...] = ()) -> None:
             continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_ = f"{docs.get(f.name, '')} (default: {default})"
+        help_ = f"{docs.get(f.name, '')} (default: {default})".replace("%", "%%")  # argparse %-formats help
         hint = hints[f.name]
         if hint is bool:
             parser.add_argument(
