@@ -20,6 +20,8 @@ class DistInfo:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    owns_group: bool = False
+    """Whether ``setup`` created the process group (then ``teardown`` destroys it)."""
 
     @property
     def enabled(self) -> bool:
@@ -46,9 +48,10 @@ def setup(device: str = "auto") -> DistInfo:
     if dev.type == "cuda":
         dev = torch.device("cuda", local)
         torch.cuda.set_device(dev)
-    if not dist.is_initialized():
+    owns = not dist.is_initialized()
+    if owns:
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
-    return DistInfo(rank=rank, world_size=world, local_rank=local, device=dev)
+    return DistInfo(rank=rank, world_size=world, local_rank=local, device=dev, owns_group=owns)
 
 
 def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
@@ -63,5 +66,6 @@ def barrier(info: DistInfo) -> None:
 
 
 def teardown(info: DistInfo) -> None:
-    if info.enabled and dist.is_initialized():
+    """Destroy the process group if ``setup`` created it (one the caller made is left alone)."""
+    if info.enabled and info.owns_group and dist.is_initialized():
         dist.destroy_process_group()

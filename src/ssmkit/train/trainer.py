@@ -173,7 +173,14 @@ def train(
             ``ssmkit eval``).
     """
     info = D.setup(cfg.device)
-    out = Path(out_dir)
+    try:
+        return _train(info, model, task, cfg, Path(out_dir), resume, meta)
+    finally:  # a process group left alive at interpreter exit can abort the process (gloo's threads)
+        D.teardown(info)
+
+
+def _train(info, model, task, cfg, out: Path, resume, meta) -> TrainResult:
+    """The body of :func:`train` once the process group (if any) is set up."""
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
     if cfg.batch_size % info.world_size:
