@@ -183,38 +183,7 @@ def generate(
 
 
 class GenerationMixin:
-    """``model.generate(...)`` for any model with the interface :func:`generate` needs (MambaLM,
-    TransformerLM): arguments and return value as :func:`generate`, minus ``model``."""
+    """``model.generate(input_ids, max_new_tokens, …)`` for any model with the interface :func:`generate`
+    needs (MambaLM, TransformerLM): the function itself, bound as a method, so ``model`` is ``self``."""
 
-    @torch.no_grad()
-    def generate(
-        self,
-        input_ids: Tensor,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        min_p: float = 0.0,
-        repetition_penalty: float = 1.0,
-        eos_token_id: int | None = None,
-        generator: torch.Generator | None = None,
-        streamer: Callable[[Tensor], None] | None = None,
-    ) -> Tensor:
-        """Autoregressive generation over the model's cache; see :func:`ssmkit.generate.generate`.
-
-        Returns:
-            (b, l + k) token ids, prompt included (k <= max_new_tokens; fewer when every row hit EOS).
-        """
-        return generate(
-            self,
-            input_ids,
-            max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            min_p=min_p,
-            repetition_penalty=repetition_penalty,
-            eos_token_id=eos_token_id,
-            generator=generator,
-            streamer=streamer,
-        )
+    generate = generate

@@ -77,7 +77,8 @@ def add_parser(sub) -> None:
         type=int,
         default=None,
         help="with --resume: train until this many steps in total (exactly the longer run only for a "
-        "constant schedule; a cosine schedule is stretched)",
+        "constant schedule; cosine and wsd are stretched over the new total, so a finished wsd run goes "
+        "back to the full lr before decaying again)",
     )
     p.add_argument(
         "--no-time-limit", action="store_true", help="with --resume: drop the stored --time-limit-s"

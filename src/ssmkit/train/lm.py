@@ -63,13 +63,15 @@ class LMTask:
         corpus: the tokenised corpus.
         seq_len: window length l.
         seed: sampler seed.
+        tokenizer: the tokenizer that made ``corpus`` (kept so the trained model can be saved with it).
     """
 
     name = "lm"
 
-    def __init__(self, corpus: TokenCorpus, seq_len: int, seed: int = 0):
+    def __init__(self, corpus: TokenCorpus, seq_len: int, seed: int = 0, tokenizer: Tokenizer | None = None):
         corpus._check_len("train", seq_len)  # ValueError naming seq_len when the split is too short
         self.corpus = corpus
+        self.tokenizer = tokenizer
         self.seq_len = seq_len
         self.seed = seed
         self.vocab_size = corpus.meta.vocab_size
@@ -120,7 +122,7 @@ def make_lm_task(
         max_bytes=cfg.max_bytes,
         verbose=verbose,
     )
-    return LMTask(corpus, cfg.seq_len, cfg.seed)
+    return LMTask(corpus, cfg.seq_len, cfg.seed, tokenizer)
 
 
 def bpb_curve(metrics_path: str | os.PathLike, task: LMTask) -> list[dict]:
@@ -303,9 +305,9 @@ def run_lm(args) -> int:
         }
         cfg = dataclass_from_args(TrainConfig, args)
         model_spec = None  # set below, once the tokenizer's vocabulary is known
-    tokenizer = load_lm_tokenizer(tspec["tokenizer"])
     is_main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 prints and saves
-    task = build_task(tspec, verbose=is_main)
+    task = build_task(tspec, verbose=is_main)  # loads the tokenizer and the (cached) token file
+    tokenizer = task.tokenizer
     if model_spec is None:
         model_spec = _model_spec(args, tokenizer.vocab_size)
     torch.manual_seed(tspec["seed"])

@@ -9,10 +9,11 @@
 
 Glossary: s = step (0-based), W = warmup_steps, S = total_steps, r = min_ratio, D = decay steps.
 
+The learning rate of a parameter group at step s is its base rate times f(s).
+
 "wsd" (warmup–stable–decay) is the default of ``ssmkit train``: the constant phase learns as fast as
 "constant", and the final decay removes the few-point swings a constant lr leaves in the last
-evaluations (docs/results.md). The learning rate of a
-parameter group at step s is its base rate times f(s).
+evaluations (docs/results.md).
 """
 
 from __future__ import annotations
