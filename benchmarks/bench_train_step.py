@@ -1,0 +1,74 @@
+"""Training-step time and streamed-forward throughput of the Table 1 / Table 11 model (docs/benchmarks.md).
+
+    python benchmarks/bench_train_step.py                 # 1 and 2 threads, batch 16, medians
+    PYTHONPATH=OLD_CHECKOUT/src python benchmarks/bench_train_step.py   # the same for another version
+
+The model is ``SequenceModel(arch=mamba, layer=s6)``, 2 layers, d_model 64 (66 496 parameters), on
+default-size Selective Copying (L = 256 + 16 markers); one step is forward, masked cross-entropy,
+backward and AdamW, as in ``ssmkit.train``. The streamed forward runs (b, 8192) tokens through the
+recurrent state, as ``ssmkit eval`` does for long sequences. Prints one line per setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from ssmkit.tasks.base import masked_loss_sums
+from ssmkit.train.build import build_model, build_task, sequence_model_spec, task_spec
+
+
+def median_time(fn, repeats: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", default="1,2", help="comma-separated torch thread counts")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=30)
+    args = p.parse_args()
+    spec = sequence_model_spec(vocab_size=16, d_model=64, n_layer=2, arch="mamba", layer="s6", d_state=16)
+    torch.manual_seed(0)
+    model = build_model(spec)
+    task = build_task(task_spec("selective-copying", 256, 16))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    step_no = [0]
+
+    def train_step():
+        batch = task.train_batch(step_no[0], args.batch_size)
+        step_no[0] += 1
+        loss_sum, _, n = masked_loss_sums(model(batch.inputs), batch.targets)
+        opt.zero_grad(set_to_none=True)
+        (loss_sum / n).backward()
+        opt.step()
+
+    ids = torch.randint(0, 15, (16, 8192))
+
+    @torch.no_grad()
+    def streamed_forward():
+        model(ids, state=model.new_state(ids.shape[0]), return_state=True)
+
+    for th in [int(t) for t in args.threads.split(",")]:
+        torch.set_num_threads(th)
+        step = median_time(train_step, args.repeats)
+        fwd = median_time(streamed_forward, max(3, args.repeats // 10), warmup=1)
+        print(
+            f"threads {th}: train step (batch {args.batch_size}) {1e3 * step:.1f} ms · "
+            f"streamed forward (16 × 8192) {ids.numel() / fwd / 1e3:.0f} K tokens/s",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
