@@ -11,7 +11,7 @@ import scipy.linalg
 import scipy.signal
 import torch
 
-from ssmkit.lti import continuous_response, discretize, recurrent
+from ssmkit.lti import continuous_response, discretize, expm, hippo, recurrent
 
 SCIPY_NAME = {"euler": "euler", "backward_euler": "backward_diff", "bilinear": "bilinear", "zoh": "zoh"}
 F64 = dict(rtol=1e-10, atol=1e-12)
@@ -127,6 +127,80 @@ def test_dense_complex_zoh_matches_expm():
     E = scipy.linalg.expm(M)
     torch.testing.assert_close(Ab, torch.from_numpy(E[:n, :n]), **F64)
     torch.testing.assert_close(Bb, torch.from_numpy(E[:n, n:]), **F64)
+
+
+def rel(actual, expected) -> float:
+    """max |actual − expected| / max |expected| (numpy or torch)."""
+    a, e = np.asarray(actual), np.asarray(expected)
+    return float(np.abs(a - e).max() / np.abs(e).max())
+
+
+# 1-norms across every branch of torch's own matrix_exp; (3.4e-4, 5e-2] is the one where torch 2.13 is
+# ~1e-11 off for a single float64 matrix.
+NORMS = (1e-6, 1e-3, 1e-2, 3e-2, 4.9e-2, 0.2, 1.0, 5.0, 40.0)
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("batch", [(), (1,), (3,)])
+def test_expm_matches_scipy_to_rounding(norm, batch):
+    g = torch.Generator().manual_seed(11)
+    M = torch.randn(*batch, 5, 5, generator=g, dtype=torch.float64)
+    M = M / M.abs().sum(-2).amax(-1)[..., None, None] * norm  # (..., 5, 5) with ‖M‖₁ = norm
+    E = expm(M)
+    ref = scipy.linalg.expm(M.numpy())
+    assert rel(E, ref) <= 1e-14 * max(1.0, norm), (norm, batch, rel(E, ref))
+
+
+def test_expm_complex_float32_and_empty():
+    g = torch.Generator().manual_seed(12)
+    M = torch.complex(*torch.randn(2, 2, 4, 4, generator=g, dtype=torch.float64)) * 0.7
+    assert rel(expm(M), scipy.linalg.expm(M.numpy())) <= 1e-14
+    E32 = expm(M.real.float())
+    assert E32.dtype == torch.float32 and rel(E32, scipy.linalg.expm(M.real.numpy())) <= 1e-6
+    assert expm(torch.zeros(0, 3, 3)).shape == (0, 3, 3)
+
+
+@pytest.mark.parametrize("dt", [1e-4, 1e-3, 5e-3, 0.05, 0.5])
+def test_zoh_dense_float64_is_machine_precise(dt):
+    """One dense float64 system (a batch of one: the case torch's matrix_exp gets ~1e-11 wrong) against
+    scipy's cont2discrete, at 1e-14 relative."""
+    A, B = hippo(6, "legs")  # (6, 6), (6, 1)
+    Ab, Bb = discretize(A, B, dt, "zoh")
+    ref_A, ref_B = scipy_disc(A.numpy(), B.numpy(), dt, "zoh")
+    assert rel(Ab, ref_A) <= 1e-14 and rel(Bb, ref_B) <= 1e-14, (dt, rel(Ab, ref_A), rel(Bb, ref_B))
+    g = torch.Generator().manual_seed(13)
+    A2 = torch.randn(3, 3, generator=g, dtype=torch.float64)
+    B2 = torch.randn(3, 2, generator=g, dtype=torch.float64)
+    Ab2, Bb2 = discretize(A2, B2, dt, "zoh")
+    ref_A2, ref_B2 = scipy_disc(A2.numpy(), B2.numpy(), dt, "zoh")
+    assert rel(Ab2, ref_A2) <= 1e-14 and rel(Bb2, ref_B2) <= 1e-14
+
+
+def test_zoh_dense_matches_40_digit_mpmath():
+    mpmath = pytest.importorskip("mpmath")
+    A, B = hippo(4, "legs")  # (4, 4), (4, 1)
+    dt = 0.004  # ‖M‖₁ ≈ 0.03 for the augmented matrix M: inside the range torch gets wrong
+    Ab, Bb = discretize(A, B, dt, "zoh")
+    n = 4
+    with mpmath.workdps(40):
+        M = mpmath.zeros(n + 1, n + 1)
+        for i in range(n):
+            for j in range(n):
+                M[i, j] = mpmath.mpf(float(A[i, j])) * mpmath.mpf(dt)
+            M[i, n] = mpmath.mpf(float(B[i, 0])) * mpmath.mpf(dt)
+        E = mpmath.expm(M)
+        ref = np.array([[float(E[i, j]) for j in range(n + 1)] for i in range(n)])
+    assert rel(Ab, ref[:, :n]) <= 1e-15 * 4 and rel(Bb, ref[:, n:]) <= 1e-15 * 4
+
+
+def test_continuous_response_uses_the_precise_exponential():
+    A, B = hippo(4, "legs")
+    C = torch.ones(1, 4, dtype=torch.float64)
+    u = torch.ones(1, 1, dtype=torch.float64)  # one step from x = 0: x(Δ) = B̄ u
+    dt = 0.004  # inside the range where torch.linalg.matrix_exp is ~1e-10 off
+    _, x = continuous_response(A, B, C, None, u, dt)
+    _, ref_B = scipy_disc(A.numpy(), B.numpy(), dt, "zoh")
+    assert rel(x, ref_B[:, 0]) <= 1e-14
 
 
 def test_zoh_singular_dense_A():

@@ -57,7 +57,7 @@ def test_hippo_equals_closed_form(measure, n):
 
 
 def test_hippo_legs_n4_matches_reference_numbers():
-    """The N = 4 LegS matrix printed in reference/s4.md §1.1 (4 digits)."""
+    """The N = 4 LegS matrix as printed in The Annotated S4 (4 digits)."""
     expected = [[-1, 0, 0, 0], [-1.732, -2, 0, 0], [-2.236, -3.873, -3, 0], [-2.646, -4.583, -5.916, -4]]
     np.testing.assert_allclose(hippo(4)[0].numpy(), expected, atol=6e-4)
 
@@ -80,7 +80,7 @@ def test_stable(measure):
 def test_rank_correction_makes_A_normal(measure, n):
     """A + P^T P = c I + skew-symmetric, with c = -1/2 for LegS (S4 Thm. 1) and 0 for the others."""
     A, _ = hippo(n, measure)
-    P = rank_correction(measure, n)
+    P = rank_correction(n, measure)
     S = (A + P.T @ P).numpy()
     c = -0.5 if measure == "legs" else 0.0
     skew = S - c * np.eye(n)
@@ -93,7 +93,7 @@ def test_rank_correction_makes_A_normal(measure, n):
 @pytest.mark.parametrize("n", [2, 8, 64, 128])
 def test_nplr_reconstructs_A(measure, n):
     """A = V_full (diag(Λ_full) − P̃_full P̃_full*) V_full*, completed with conjugates here in numpy."""
-    Lambda, P, B, V = (t.numpy() for t in nplr(measure, n))
+    Lambda, P, B, V = (t.numpy() for t in nplr(n, measure))
     r = 2 if measure == "legt" else 1
     assert (
         Lambda.shape == (n // 2,)
@@ -126,10 +126,10 @@ def test_nplr_legs_eigenvalues_match_numpy():
     P = np.sqrt(np.arange(n) + 0.5)
     ev = np.linalg.eigvals(A_ref + np.outer(P, P))
     ev = ev[ev.imag < 0]
-    Lambda = nplr("legs", n)[0].numpy()
+    Lambda = nplr(n, "legs")[0].numpy()
     np.testing.assert_allclose(np.sort(Lambda.imag), np.sort(ev.imag), rtol=1e-8)
     np.testing.assert_allclose(Lambda.real, -0.5, atol=1e-12)
-    # reference/s4.md §1.2: the positive imaginary parts run 0.264, 0.906, ..., 433.0, 1303.3 for N = 64
+    # the positive imaginary parts of HiPPO-LegS's normal part run 0.264, 0.906, ..., 433.0, 1303.3 for N = 64
     np.testing.assert_allclose(
         np.sort(-Lambda.imag)[[0, 1, -2, -1]], [0.264, 0.906, 433.0, 1303.3], atol=0.06
     )
@@ -137,13 +137,27 @@ def test_nplr_legs_eigenvalues_match_numpy():
 
 def test_nplr_bad_input():
     with pytest.raises(ValueError, match="n must be even"):
-        nplr("legs", 5)
+        nplr(5, "legs")
     with pytest.raises(ValueError, match="measure"):
-        nplr("legx", 4)
+        nplr(4, "legx")
     with pytest.raises(ValueError, match="measure"):
         hippo(4, "chebyshev")
     with pytest.raises(ValueError, match="n must be a positive int"):
         hippo(0)
+
+
+def test_siblings_take_n_then_measure():
+    """hippo, rank_correction and nplr share one argument order, (n, measure="legs")."""
+    A, B = hippo(8)
+    P = rank_correction(8)
+    Lambda, Pt, Bt, V = nplr(8)
+    torch.testing.assert_close(A, hippo(8, measure="legs")[0])
+    torch.testing.assert_close(P, rank_correction(n=8, measure="legs"))
+    torch.testing.assert_close(Lambda, nplr(n=8, measure="legs")[0])
+    torch.testing.assert_close(nplr_to_dense(Lambda, Pt, V), A, rtol=1e-10, atol=1e-10)
+    for f in (hippo, rank_correction, nplr):  # the old (measure, n) order is refused, naming n
+        with pytest.raises(ValueError, match="n must be a positive int, got 'legs'"):
+            f("legs", 8)
 
 
 # --- HiPPO memory property -------------------------------------------------------------------------------

@@ -151,7 +151,7 @@ def test_kernel_dense_equals_matrix_powers(length):
     if length:
         torch.testing.assert_close(K, torch.stack(ref, dim=1), rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(kernel_sequential(Ab, Bb, C, length), K, rtol=1e-10, atol=1e-12)
-    X = krylov(length, Ab, Bb)  # (h, L, n, p)
+    X = krylov(Ab, Bb, length)  # (h, L, n, p)
     for k in range(length):
         torch.testing.assert_close(X[:, k], torch.linalg.matrix_power(Ab, k) @ Bb, rtol=1e-10, atol=1e-12)
 

@@ -104,7 +104,7 @@ def test_kernel_equals_real_hippo_legs_system(d_state):
     r = np.sqrt(2 * n + 1)
     A_legs = -np.tril(np.outer(r, r), -1) - np.diag(n + 1.0)
     B_legs = r[:, None]
-    _, _, _, V = nplr("legs", N)
+    _, _, _, V = nplr(N, "legs")
     V = V.numpy()
     Vf = np.concatenate([V, V.conj()], axis=1)  # (N, N) unitary
     layer = S4(2, N, dtype=torch.float64)

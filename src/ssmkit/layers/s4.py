@@ -155,10 +155,10 @@ class S4(nn.Module):
         h, n2 = d_model, d_state // 2
         dtype = dtype or torch.get_default_dtype()
         f = {"device": device, "dtype": dtype}
-        Lambda, P, B, _V = nplr("legs", d_state)
+        Lambda, P, B, _V = nplr(d_state, "legs")
         Lambda, P, B = (torch.as_tensor(t).to(torch.complex128).reshape(-1) for t in (Lambda, P, B))
         if not Lambda.numel() == P.numel() == B.numel() == n2:
-            raise ValueError(f"nplr('legs', {d_state}) must return rank-1 P and N/2 = {n2} entries")
+            raise ValueError(f"nplr({d_state}, 'legs') must return rank-1 P and N/2 = {n2} entries")
         log_dt = torch.rand(h, dtype=torch.float64) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
         C = torch.randn(h, n2, dtype=torch.complex128)  # (h, n2)
         self.log_dt = nn.Parameter(log_dt.to(**f))  # (h,)

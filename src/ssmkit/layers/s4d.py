@@ -58,11 +58,11 @@ def s4d_init(init: str, d_state: int) -> tuple[Tensor, Tensor]:
     if init == "legs":
         from ssmkit.lti import nplr
 
-        Lambda, _P, B, _V = nplr("legs", d_state)
+        Lambda, _P, B, _V = nplr(d_state, "legs")
         Lambda = torch.as_tensor(Lambda).to(torch.complex128).reshape(-1)  # (n2,)
         B = torch.as_tensor(B).to(torch.complex128).reshape(-1)  # (n2,)
         if Lambda.numel() != n2 or B.numel() != n2:
-            raise ValueError(f"nplr('legs', {d_state}) must return N/2 = {n2} eigenvalues and B entries")
+            raise ValueError(f"nplr({d_state}, 'legs') must return N/2 = {n2} eigenvalues and B entries")
         return Lambda, B
     raise ValueError(f"init must be one of {INITS}, got {init!r}")
 

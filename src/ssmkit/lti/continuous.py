@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from ssmkit.lti._checks import broadcast_lead, check_tensor, shape, structure
+from ssmkit.lti.expm import expm
 
 
 def continuous_response(
@@ -72,7 +73,7 @@ def continuous_response(
     lead = broadcast_lead(A=shape(A)[:-2], B=shape(B)[:-2], C=shape(C)[:-2], u=shape(u)[:-2])
     # Van Loan: one exponential of the (n+p) x (n+p) block matrix per system.
     M = _block(A, B) * dt  # (..., n+p, n+p)
-    E = torch.linalg.matrix_exp(M)  # (..., n+p, n+p)
+    E = expm(M)  # (..., n+p, n+p)
     Phi, Gam = E[..., :n, :n], E[..., :n, n:]  # (..., n, n) e^{AΔ}, (..., n, p) ∫ e^{sA} ds B
     x = torch.zeros(*lead, n, 1, dtype=dtype, device=u.device)  # (..., n, 1)
     if state is not None:

@@ -19,7 +19,13 @@ Formulas (I the identity, α ∈ [0, 1]):
     bilinear:        α = ½ (Tustin / trapezoid)
     zoh:             Ā = exp(ΔA),  B̄ = A^{-1}(exp(ΔA) − I) B = ∫_0^Δ exp(sA) ds B   (exact for an input held
                      constant over each step; computed as the top blocks of exp([[ΔA, ΔB], [0, 0]]) for dense
-                     A, so a singular A needs no inverse; (e^z − 1)/z with a series near z = 0 for diagonal A)
+                     A, so a singular A needs no inverse, with ``ssmkit.lti.expm`` (Padé, machine precision;
+                     torch's own matrix_exp is ~1e-11 off for a single small-norm matrix); (e^z − 1)/z with a
+                     series near z = 0 for diagonal A)
+
+Fast paths: ``discretize`` validates its arguments and dispatches to ``discretize_dense`` or
+``discretize_diagonal``, which take tensors already checked and cast (the layers call these directly, so a
+forward pass pays no validation).
 
 Convention (as S4): u_k is applied over the step that ends at t_k = (k+1)Δ, so x_k = x(t_k) exactly for ZOH.
 Stability: if the discrete Ā has a mode with |λ(Ā)| > 1 (spectral radius above one) a RuntimeWarning says
@@ -34,6 +40,7 @@ import torch
 from torch import Tensor
 
 from ssmkit.lti._checks import broadcast_lead, check_tensor, common_dtype, shape, structure
+from ssmkit.lti.expm import expm
 
 METHODS = ("euler", "backward_euler", "bilinear", "zoh", "gbt")
 _ALPHA = {"euler": 0.0, "backward_euler": 1.0, "bilinear": 0.5}
@@ -88,25 +95,36 @@ def discretize(
     dtr = dt.to(dtype)
 
     if kind == "dense":
-        Ab, Bb = _dense(A, B, dtr, method, alpha, lead)
+        Ab, Bb = discretize_dense(A, B, dtr, method, alpha)
     else:
-        Ab, Bb = _diag(A, B, dtr, method, alpha, siso=kind == "diag_siso")
+        Ab, Bb = discretize_diagonal(A, B, dtr, method, alpha)
         Ab = Ab.expand(*lead, A.shape[-1])  # (..., n) over all leading dims
     _warn_if_amplifying(A, dtr.real, dense=kind == "dense", method=method, alpha=alpha)
     return Ab, Bb
 
 
-def _dense(A: Tensor, B: Tensor, dt: Tensor, method: str, alpha: float | None, lead) -> tuple[Tensor, Tensor]:
+def discretize_dense(
+    A: Tensor, B: Tensor, dt: Tensor, method: str = "zoh", alpha: float | None = None
+) -> tuple[Tensor, Tensor]:
+    """Fast path of ``discretize`` for dense A, without validation.
+
+    Args:
+        A: (..., n, n).  B: (..., n, p).  dt: real or same-dtype tensor broadcasting over the leading dims.
+        method, alpha: as in ``discretize`` (``alpha`` only for ``"gbt"``).
+    Returns:
+        Ā (..., n, n), B̄ (..., n, p), leading dims broadcast.
+    """
     n, p = A.shape[-1], B.shape[-1]
+    lead = torch.broadcast_shapes(A.shape[:-2], B.shape[:-2], dt.shape)
     dtA = dt[..., None, None] * A  # (..., n, n)
     dtB = dt[..., None, None] * B  # (..., n, p)
     dtA = dtA.expand(*lead, n, n)  # (..., n, n)
     dtB = dtB.expand(*lead, n, p)  # (..., n, p)
-    eye = torch.eye(n, dtype=A.dtype, device=A.device)  # (n, n)
+    eye = torch.eye(n, dtype=dtA.dtype, device=A.device)  # (n, n)
     if method == "zoh":
         top = torch.cat([dtA, dtB], dim=-1)  # (..., n, n+p)
-        M = torch.cat([top, torch.zeros(*lead, p, n + p, dtype=A.dtype, device=A.device)], dim=-2)
-        E = torch.linalg.matrix_exp(M)  # (..., n+p, n+p) = [[Ā, B̄], [0, I]]
+        M = torch.cat([top, torch.zeros(*lead, p, n + p, dtype=top.dtype, device=A.device)], dim=-2)
+        E = expm(M)  # (..., n+p, n+p) = [[Ā, B̄], [0, I]]
         return E[..., :n, :n], E[..., :n, n:]  # (..., n, n), (..., n, p)
     a = _ALPHA.get(method, alpha)
     if a == 0.0:
@@ -117,9 +135,18 @@ def _dense(A: Tensor, B: Tensor, dt: Tensor, method: str, alpha: float | None, l
     return X[..., :n], X[..., n:]  # (..., n, n), (..., n, p)
 
 
-def _diag(
-    A: Tensor, B: Tensor, dt: Tensor, method: str, alpha: float | None, siso: bool
+def discretize_diagonal(
+    A: Tensor, B: Tensor, dt: Tensor, method: str = "zoh", alpha: float | None = None
 ) -> tuple[Tensor, Tensor]:
+    """Fast path of ``discretize`` for diagonal A, without validation.
+
+    Args:
+        A: (..., n).  B: (..., n) (SISO, same number of dims as A) or (..., n, p).
+        dt: tensor broadcasting over the leading dims.  method, alpha: as in ``discretize``.
+    Returns:
+        Ā (..., n) (leading dims of A and dt), B̄ with B's layout.
+    """
+    siso = B.dim() == A.dim()
     dtA = dt[..., None] * A  # (..., n)
     dtb = dt[..., None] if siso else dt[..., None, None]  # Δ shaped to B
     if method == "zoh":

@@ -6,6 +6,8 @@ References:
         Theorem 1 (NPLR), and ``state-spaces/s4`` ``hippo.py`` (``transition``, ``rank_correction``,
         ``nplr``).
 
+Signatures: ``hippo``, ``rank_correction`` and ``nplr`` all take ``(n, measure="legs", ...)``.
+
 Convention (stable, as in ``state-spaces/s4``): the matrices are used as-is in ``x'(t) = A x(t) + B u(t)``;
 the eigenvalues of A have non-positive real part. Everything is built in float64 and cast at the end.
 
@@ -43,11 +45,11 @@ MEASURES = ("legs", "legt", "lagt", "fout")
 _RANK = {"legs": 1, "legt": 2, "lagt": 1, "fout": 1}
 
 
-def _check_measure(measure: str, n: int) -> None:
-    if measure not in MEASURES:
-        raise ValueError(f"measure must be one of {MEASURES}, got {measure!r}")
+def _check_measure(n: int, measure: str) -> None:
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
+    if measure not in MEASURES:
+        raise ValueError(f"measure must be one of {MEASURES}, got {measure!r}")
 
 
 def hippo(n: int, measure: str = "legs", dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
@@ -61,7 +63,7 @@ def hippo(n: int, measure: str = "legs", dtype: torch.dtype = torch.float64) -> 
     Returns:
         A (n, n) and B (n, 1), ready for ``discretize(A, B, dt)`` (dense A with p = 1 input).
     """
-    _check_measure(measure, n)
+    _check_measure(n, measure)
     q = torch.arange(n, dtype=torch.float64)  # (n,)
     row, col = q[:, None], q[None, :]  # (n, 1), (1, n)
     r = torch.sqrt(2 * q + 1)  # (n,)
@@ -92,13 +94,13 @@ def _fout_B(n: int) -> Tensor:
 
 
 def rank_correction(
-    measure: str, n: int, rank: int | None = None, dtype: torch.dtype = torch.float64
+    n: int, measure: str = "legs", rank: int | None = None, dtype: torch.dtype = torch.float64
 ) -> Tensor:
     """P (rank, n) with ``A + P^T P`` normal (a multiple of I plus a skew-symmetric matrix).
 
     ``rank`` defaults to the measure's own rank (2 for ``legt``, else 1); a larger rank pads with zeros.
     """
-    _check_measure(measure, n)
+    _check_measure(n, measure)
     own = _RANK[measure]
     rank = own if rank is None else rank
     if not isinstance(rank, int) or rank < own:
@@ -120,7 +122,7 @@ def rank_correction(
 
 
 def nplr(
-    measure: str, n: int, rank: int | None = None, dtype: torch.dtype = torch.complex128
+    n: int, measure: str = "legs", rank: int | None = None, dtype: torch.dtype = torch.complex128
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Normal-plus-low-rank form of a HiPPO matrix: A = V (diag(Λ) − P̃ P̃*) V*.
 
@@ -130,20 +132,20 @@ def nplr(
     orthonormal basis (q0, q1) of that eigenspace, so that its conjugate is the other member of the pair.
 
     Args:
-        measure: one of ``"legs"``, ``"legt"``, ``"lagt"``, ``"fout"``.
         n: state size, even.
+        measure: one of ``"legs"``, ``"legt"``, ``"lagt"``, ``"fout"``.
         rank: rank of the correction (default: the measure's own rank).
         dtype: complex output dtype (computed in complex128).
     Returns:
         Lambda (n/2,), P (rank, n/2) = V* P_real, B (n/2,) = V* B, V (n, n/2); all complex.
     """
-    _check_measure(measure, n)
+    _check_measure(n, measure)
     if n % 2:
         raise ValueError(f"n must be even for nplr (conjugate pairs), got n = {n}")
     if dtype not in (torch.complex64, torch.complex128):
         raise ValueError(f"dtype must be torch.complex64 or torch.complex128, got {dtype}")
     A, B = hippo(n, measure)  # (n, n), (n, 1) float64
-    P = rank_correction(measure, n, rank)  # (r, n)
+    P = rank_correction(n, measure, rank)  # (r, n)
     AP = A + P.T @ P  # (n, n), normal
     c = torch.diagonal(AP).mean()  # () = -1/2 for legs, 0 for legt/lagt/fout
     S = AP - c * torch.eye(n, dtype=torch.float64)  # (n, n) skew-symmetric

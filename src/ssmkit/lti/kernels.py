@@ -27,12 +27,12 @@ from torch import Tensor
 from ssmkit.lti._checks import broadcast_lead, check_tensor, common_dtype, shape, structure
 
 
-def krylov(length: int, A: Tensor, b: Tensor) -> Tensor:
-    """[b, Ab, A²b, …, A^{length−1} b] by repeated squaring.
+def krylov(A: Tensor, b: Tensor, length: int) -> Tensor:
+    """[b, Ab, A²b, …, A^{length−1} b] by repeated squaring (argument order as ``kernel``).
 
     Args:
-        length: L >= 0.
         A: (..., n, n).   b: (..., n, p).
+        length: L >= 0.
     Returns:
         X (..., L, n, p) with X[..., k, :, :] = A^k b.
     """
@@ -58,7 +58,7 @@ def powers(a: Tensor, length: int) -> Tensor:
 
 def kernel_dense(Ab: Tensor, Bb: Tensor, C: Tensor, length: int) -> Tensor:
     """K (..., L, q, p) for dense Ā (..., n, n), B̄ (..., n, p), C (..., q, n), via ``krylov``."""
-    X = krylov(length, Ab, Bb)  # (..., L, n, p)
+    X = krylov(Ab, Bb, length)  # (..., L, n, p)
     return C[..., None, :, :] @ X  # (..., L, q, p)
 
 

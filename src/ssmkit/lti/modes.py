@@ -18,6 +18,7 @@ The theorem of the lecture: for an LTI system the three modes give the same y:
     convolutional:  y_k = Σ_{j<=k} K_j u_{k−j} + D u_k, by FFT                    O(l log l) work
     scan:           x = scan(Ā, B̄ u), y = C x + D u                               O(log l) sequential steps
 Fast and slow twins: ``scan_parallel`` / ``scan_sequential``; ``convolve`` / a direct sum in the tests.
+``convolve_fft`` is ``convolve`` without the validation (the layers call it on their own checked tensors).
 """
 
 from __future__ import annotations
@@ -310,9 +311,29 @@ def convolve(u: Tensor, K: Tensor, D: Tensor | None = None, *, siso: bool | None
         raise ValueError(
             f"u and K must be {want} with broadcasting leading dims; got u {shape(u)}, K {shape(K)}"
         )
-    u, K = u.to(dtype), K.to(dtype)
+    if D is not None and not siso and (D.dim() < 2 or D.shape[-2:] != (K.shape[-2], K.shape[-1])):
+        raise ValueError(f"D must be (..., q, p) = (..., {K.shape[-2]}, {K.shape[-1]}), got {shape(D)}")
+    return convolve_fft(u.to(dtype), K.to(dtype), None if D is None else D.to(dtype), siso=siso)
+
+
+def convolve_fft(u: Tensor, K: Tensor, D: Tensor | None = None, *, siso: bool) -> Tensor:
+    """Fast path of ``convolve``, without validation: u, K (and D) already of one dtype and layout.
+
+    Args and returns as ``convolve``; ``siso`` must be given. Empty inputs (any dim 0) give an empty y.
+    """
+    dtype = u.dtype
     l = u.shape[-1] if siso else u.shape[-2]
     t_dim_u, t_dim_k = (-1, -1) if siso else (-2, -3)
+    if siso:
+        out_shape = torch.broadcast_shapes(u.shape, K.shape[:-1] + (l,))  # (..., l)
+    else:
+        lead = torch.broadcast_shapes(u.shape[:-2], K.shape[:-3])
+        out_shape = (*lead, l, K.shape[-2])  # (..., l, q)
+    if 0 in out_shape or K.shape[t_dim_k] == 0 or (not siso and u.shape[-1] == 0):
+        y = torch.zeros(out_shape, dtype=dtype, device=u.device)  # (..., l[, q]) no taps: K ∗ u = 0
+        if D is not None and 0 not in out_shape:
+            y = y + (D[..., None] * u if siso else (D[..., None, :, :] @ u[..., None])[..., 0])
+        return y
     L = min(K.shape[t_dim_k], l)
     K = K.narrow(t_dim_k, 0, L)  # (..., L[, q, p])
     n_fft = 1 << max(0, (l + L - 1 - 1).bit_length()) if l > 0 else 1  # power of 2 >= l + L − 1
@@ -329,13 +350,8 @@ def convolve(u: Tensor, K: Tensor, D: Tensor | None = None, *, siso: bool | None
         y = torch.fft.irfft(Yf, n=n_fft, dim=t_dim_u)  # (..., n_fft[, q])
     y = y.narrow(t_dim_u, 0, l)  # (..., l[, q])
     if D is not None:
-        D = D.to(dtype)
         if siso:
             y = y + D[..., None] * u  # (..., l)
         else:
-            if D.dim() < 2 or D.shape[-2:] != (K.shape[-2], K.shape[-1]):
-                raise ValueError(
-                    f"D must be (..., q, p) = (..., {K.shape[-2]}, {K.shape[-1]}), got {shape(D)}"
-                )
             y = y + (D[..., None, :, :] @ u[..., None])[..., 0]  # (..., l, q)
     return y
