@@ -57,7 +57,7 @@ def main() -> None:
 
     @torch.no_grad()
     def streamed_forward():
-        model(ids, state=model.new_state(ids.shape[0]), return_state=True)
+        model(ids, cache=model.new_cache(ids.shape[0]))
 
     for th in [int(t) for t in args.threads.split(",")]:
         torch.set_num_threads(th)

@@ -6,19 +6,14 @@ import math
 import pytest
 import torch
 
-from ssmkit.layers.attention import (
-    MultiheadAttention,
-    TransformerBlock,
-    TransformerBlockConfig,
-    sinusoidal_positions,
-)
+from ssmkit.layers.attention import MultiheadAttention, TransformerBlock, sinusoidal_positions
 
 
 def naive_attention(attn: MultiheadAttention, x: torch.Tensor) -> torch.Tensor:
     """Loop over batch, head, query: float64 reference of causal MHA with complex-number RoPE."""
     x = x.double().detach()
     b, l, d = x.shape
-    h, e = attn.n_heads, attn.head_dim
+    h, e = attn.n_head, attn.head_dim
     W, bias = attn.qkv.weight.double().detach(), attn.qkv.bias.double().detach()
     qkv = x @ W.T + bias  # (b, l, 3d)
     out = torch.zeros(b, l, d, dtype=torch.float64)
@@ -50,11 +45,13 @@ def naive_attention(attn: MultiheadAttention, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("l", [1, 7])
 def test_attention_matches_loop(positional, l):
     torch.manual_seed(0)
-    attn = MultiheadAttention(16, n_heads=4, positional=positional).double()
+    attn = MultiheadAttention(16, n_head=4, positional=positional).double()
     x = torch.randn(2, l, 16, dtype=torch.float64)
-    y, cache = attn(x)
-    torch.testing.assert_close(y, naive_attention(attn, x), rtol=1e-10, atol=1e-10)
-    assert cache.offset == l and cache.k.shape == (2, 4, l, 4)
+    torch.testing.assert_close(attn(x), naive_attention(attn, x), rtol=1e-10, atol=1e-10)
+    cache = attn.new_state(2)
+    torch.testing.assert_close(attn(x, cache), naive_attention(attn, x), rtol=1e-10, atol=1e-10)
+    assert cache.t == l and cache.k.shape[:2] == (2, 4) and cache.capacity >= l
+    assert cache.nbytes == 2 * 2 * 4 * l * 4 * 8  # K and V × batch × heads × tokens × e × float64
 
 
 def test_sinusoids_closed_form():
@@ -66,30 +63,30 @@ def test_sinusoids_closed_form():
             assert pe[r, 2 * i + 1].item() == pytest.approx(math.cos(m * w), abs=1e-6)
 
 
-@pytest.mark.parametrize("mlp_ratio", [4, 0])
+def add_abs_positions(x, offset=0):
+    return x + sinusoidal_positions(torch.arange(offset, offset + x.shape[1]), x.shape[-1]).to(x.dtype)
+
+
+@pytest.mark.parametrize("d_mlp", [128, 0])
 @pytest.mark.parametrize("positional", ["abs", "rope"])
-def test_kv_cache_decode_and_chunks_equal_full_forward(positional, mlp_ratio):
+@pytest.mark.parametrize("capacity", [0, 2, 64])
+def test_kv_cache_decode_and_chunks_equal_full_forward(positional, d_mlp, capacity):
     torch.manual_seed(1)
-    blocks = [
-        TransformerBlock(
-            TransformerBlockConfig(
-                d_model=32, n_heads=4, positional=positional, mlp_ratio=mlp_ratio, add_positions=i == 0
-            )
-        )
-        for i in range(2)
-    ]
-    blocks = [blk.double() for blk in blocks]
+    blocks = [TransformerBlock(32, n_head=4, positional=positional, d_mlp=d_mlp).double() for _ in range(2)]
     x = torch.randn(3, 11, 32, dtype=torch.float64)
+    if positional == "abs":
+        x = add_abs_positions(x)
 
     def run(chunks):
-        states = [blk.new_state(3) for blk in blocks]
+        states = [blk.new_state(3, capacity) for blk in blocks]
         outs, s = [], 0
         for c in chunks:
             h = x[:, s : s + c]
-            for i, blk in enumerate(blocks):
-                h, states[i] = blk(h, states[i], return_state=True)
+            for blk, st in zip(blocks, states, strict=True):
+                h = blk(h, st)
             outs.append(h)
             s += c
+        assert all(st.t == 11 and st.capacity >= 11 for st in states)
         return torch.cat(outs, 1)
 
     full = x
@@ -98,36 +95,32 @@ def test_kv_cache_decode_and_chunks_equal_full_forward(positional, mlp_ratio):
     torch.testing.assert_close(run([11]), full, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(run([1] * 11), full, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(run([4, 4, 3]), full, rtol=1e-10, atol=1e-10)
-    # step() is one-token forward
-    st = blocks[0].new_state(3)
-    ys = []
-    for t in range(11):
-        y, st = blocks[0].step(x[:, t], st)
-        ys.append(y)
-    torch.testing.assert_close(torch.stack(ys, 1), blocks[0](x), rtol=1e-10, atol=1e-10)
 
 
 def test_causal_and_positions_matter():
     torch.manual_seed(2)
     for positional in ("abs", "rope"):
-        blk = TransformerBlock(
-            TransformerBlockConfig(d_model=16, n_heads=2, positional=positional, add_positions=True)
-        )
+        blk = TransformerBlock(16, n_head=2, positional=positional, d_mlp=64)
+        pos = add_abs_positions if positional == "abs" else (lambda t: t)
         x = torch.randn(1, 6, 16)
         x2 = x.clone()
         x2[:, 4:] = torch.randn(1, 2, 16)
-        torch.testing.assert_close(blk(x)[:, :4], blk(x2)[:, :4], rtol=0, atol=0)  # future does not leak
+        torch.testing.assert_close(blk(pos(x))[:, :4], blk(pos(x2))[:, :4], rtol=0, atol=0)  # no leak
         perm = x[:, [1, 0, 2, 3, 4, 5]]  # swapping two earlier tokens changes the last output
-        assert not torch.allclose(blk(x)[:, -1], blk(perm)[:, -1], atol=1e-6)
+        assert not torch.allclose(blk(pos(x))[:, -1], blk(pos(perm))[:, -1], atol=1e-6)
 
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="positional"):
         MultiheadAttention(16, 2, positional="xpos")
-    with pytest.raises(ValueError, match="multiple of 2·n_heads"):
+    with pytest.raises(ValueError, match="multiple of 2·n_head"):
         MultiheadAttention(12, 8)
     with pytest.raises(ValueError, match=r"x must be \(b, l, 16\)"):
         MultiheadAttention(16, 2)(torch.randn(1, 3, 8))
+    with pytest.raises(ValueError, match="state holds batch size 2"):
+        MultiheadAttention(16, 2)(torch.randn(1, 3, 16), MultiheadAttention(16, 2).new_state(2))
+    with pytest.raises(ValueError, match="capacity"):
+        MultiheadAttention(16, 2).new_state(1, -1)
 
 
 @pytest.mark.gpu
@@ -135,15 +128,13 @@ def test_bad_arguments():
 @pytest.mark.parametrize("positional", ["abs", "rope"])
 def test_cuda_matches_cpu(positional):
     torch.manual_seed(3)
-    blk = TransformerBlock(
-        TransformerBlockConfig(d_model=32, n_heads=4, positional=positional, add_positions=True)
-    )
+    blk = TransformerBlock(32, n_head=4, positional=positional, d_mlp=128)
     x = torch.randn(2, 9, 32)
     expected = blk(x)
     blk_cuda = blk.cuda()
     st = blk_cuda.new_state(2)
-    y1, st = blk_cuda(x[:, :4].cuda(), st, return_state=True)
-    y2, _ = blk_cuda(x[:, 4:].cuda(), st, return_state=True)
+    y1 = blk_cuda(x[:, :4].cuda(), st)
+    y2 = blk_cuda(x[:, 4:].cuda(), st)
     torch.testing.assert_close(torch.cat([y1, y2], 1).cpu(), expected, rtol=1e-4, atol=1e-4)
 
 
@@ -153,14 +144,12 @@ def test_sequence_model_attention_is_attention_only_like_the_papers_137k_baselin
     from ssmkit.models.sequence import SequenceModel, SequenceModelConfig
 
     d, V, n = 128, 16, 2
-    m = SequenceModel.from_config(
-        SequenceModelConfig(vocab_size=V, d_model=d, n_layer=n, arch="attention", layer="rope")
-    )
+    m = SequenceModel(SequenceModelConfig(vocab_size=V, d_model=d, n_layer=n, arch="attention", layer="rope"))
     per_layer = 4 * (d * d + d) + 2 * d  # q, k, v, out (with bias) + the pre-norm LayerNorm
     head = 0 if m.config.tie_embeddings else V * d  # the head shares the embedding when tied
     expected = V * d + n * per_layer + d + head  # + the final RMSNorm
     assert sum(p.numel() for p in m.parameters()) == expected
     assert 130_000 < expected < 140_000
     assert all(blk.mlp is None for blk in m.layers)
-    with pytest.raises(ValueError, match="mlp_ratio"):
-        TransformerBlock(TransformerBlockConfig(d_model=8, n_heads=2, mlp_ratio=-1))
+    with pytest.raises(ValueError, match="d_mlp"):
+        TransformerBlock(8, n_head=2, d_mlp=-1)

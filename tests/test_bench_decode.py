@@ -9,11 +9,11 @@ import pytest
 from ssmkit.bench.decode import (
     DecodeBenchConfig,
     build_models,
-    count_params,
     expected_state_bytes,
     measure_decode,
     run_decode_bench,
 )
+from ssmkit.utils import count_parameters
 
 TINY = dict(d_model=32, n_layer=2, n_head=2, d_state=4, vocab_size=64, decode_steps=3, prefill_chunk=16)
 
@@ -22,7 +22,7 @@ def test_parameter_counts_match_within_ten_percent():
     for d_model, n_layer in ((32, 2), (256, 4), (768, 24)):
         cfg = DecodeBenchConfig(d_model=d_model, n_layer=n_layer, n_head=4, vocab_size=256, device="meta")
         models = build_models(cfg)  # on the meta device: shapes only, no memory
-        pm, pt = count_params(models["mamba"]), count_params(models["transformer"])
+        pm, pt = count_parameters(models["mamba"]), count_parameters(models["transformer"])
         assert abs(pt - pm) <= 0.10 * pm, (d_model, n_layer, pm, pt)
         assert models["transformer"].config.d_model == d_model
         assert models["transformer"].config.n_layer == n_layer

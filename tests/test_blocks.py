@@ -1,5 +1,5 @@
-"""Blocks (arch × layer) and SequenceModel: forward == step-by-step recurrence == chunked forward with
-state passing; gradients reach every parameter; the s6 pieces against a sequential loop written here."""
+"""Blocks (arch × layer) and SequenceModel: one full forward == one-token decoding == chunked forward
+with state passing (values and gradients); gradients reach every parameter; the s6 pieces against a sequential loop written here."""
 
 from __future__ import annotations
 
@@ -8,21 +8,25 @@ import torch
 import torch.nn.functional as F
 
 from ssmkit.layers.blocks import ARCHS, LAYERS, S6, Block, CausalConv
-from ssmkit.models.sequence import SequenceModel
+from ssmkit.layers.mamba import Mamba
+from ssmkit.models.cache import Cache
+from ssmkit.models.sequence import SequenceModel, SequenceModelConfig
 
 CASES = [(a, l) for a in ARCHS for l in LAYERS]
 
 
-def steps(module, x, state):
-    ys = []
-    for t in range(x.shape[1]):
-        y_t, state = module.step(x[:, t], state)
-        ys.append(y_t)
-    return torch.stack(ys, 1), state
+def chunked(module, x, state, sizes):
+    """Run ``module`` over x (b, l, ·) in chunks of the given sizes with one state (the state protocol)."""
+    outs, start = [], 0
+    for n in sizes:
+        outs.append(module(x[:, start : start + n], state))
+        start += n
+    assert start == x.shape[1]
+    return torch.cat(outs, 1)
 
 
 @pytest.mark.parametrize("arch,layer", CASES)
-def test_block_forward_backward_step(arch, layer):
+def test_block_forward_backward_and_chunks(arch, layer):
     torch.manual_seed(0)
     blk = Block(8, arch, layer, d_state=4, dtype=torch.float64)
     x = torch.randn(2, 13, 8, dtype=torch.float64, requires_grad=True)
@@ -35,22 +39,40 @@ def test_block_forward_backward_step(arch, layer):
     # the Mamba mixer keeps its scan state in float32 (mamba-ssm's layout), hence the looser tolerance
     tol = 1e-6 if (arch, layer) == ("mamba", "s6") else 1e-10
     with torch.no_grad():
-        y_step, _ = steps(blk, x, blk.new_state(2))
-        y1, s1 = blk(x[:, :5], return_state=True)
-        y2, _ = blk(x[:, 5:], s1, return_state=True)
-    torch.testing.assert_close(y_step, y.detach(), rtol=tol, atol=tol)
-    torch.testing.assert_close(torch.cat([y1, y2], 1), y.detach(), rtol=tol, atol=tol)
+        y_tokens = chunked(blk, x, blk.new_state(2), [1] * 13)  # one-token decoding
+        y_chunks = chunked(blk, x, blk.new_state(2), [5, 1, 7])  # prefill, a token, a chunk
+    torch.testing.assert_close(y_tokens, y.detach(), rtol=tol, atol=tol)
+    torch.testing.assert_close(y_chunks, y.detach(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("arch,layer", [("mamba", "s4d"), ("h3", "s4"), ("none", "s6"), ("mamba", "s6")])
+def test_gradients_flow_through_the_state(arch, layer):
+    """Chunks with state passing give the same input and parameter gradients as one full forward:
+    every state field is replaced, never modified in place."""
+    torch.manual_seed(5)
+    blk = Block(8, arch, layer, d_state=4, dtype=torch.float64)
+    x = torch.randn(2, 11, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 11, 8, dtype=torch.float64)
+    grads = []
+    for run in (lambda: blk(x), lambda: chunked(blk, x, blk.new_state(2), [4, 1, 6])):
+        blk.zero_grad()
+        x.grad = None
+        (run() * w).sum().backward()
+        grads.append([x.grad.clone()] + [p.grad.clone() for p in blk.parameters()])
+    tol = 1e-6 if (arch, layer) == ("mamba", "s6") else 1e-9
+    for g_full, g_chunk in zip(*grads, strict=True):
+        torch.testing.assert_close(g_chunk, g_full, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("arch,layer", [("mamba", "s4d"), ("h3", "s4"), ("none", "s6")])
-def test_block_float32_step_matches_forward(arch, layer):
+def test_block_float32_tokens_match_forward(arch, layer):
     torch.manual_seed(1)
     blk = Block(8, arch, layer, d_state=8)
     x = torch.randn(2, 21, 8)
     with torch.no_grad():
         y = blk(x)
-        y_step, _ = steps(blk, x, blk.new_state(2))
-    torch.testing.assert_close(y_step, y, rtol=1e-5, atol=1e-5)
+        y_tokens = chunked(blk, x, blk.new_state(2), [1] * 21)
+    torch.testing.assert_close(y_tokens, y, rtol=1e-5, atol=1e-5)
 
 
 def test_s6_matches_a_sequential_loop():
@@ -75,17 +97,40 @@ def test_causal_conv_is_causal_and_matches_conv1d():
     torch.manual_seed(3)
     conv = CausalConv(5, 4, dtype=torch.float64)
     x = torch.randn(2, 11, 5, dtype=torch.float64)
-    ref = F.conv1d(F.pad(x.transpose(1, 2), (3, 0)), conv.weight, conv.bias, groups=5).transpose(1, 2)
-    torch.testing.assert_close(conv(x), ref)
+    ref = F.conv1d(F.pad(x.transpose(1, 2), (3, 0)), conv.weight, None, groups=5).transpose(1, 2)
+    y, none = conv(x)
+    assert none is None
+    torch.testing.assert_close(y, ref)
     x2 = x.clone()
     x2[:, 6:] += 1.0
-    torch.testing.assert_close(conv(x2)[:, :6], conv(x)[:, :6])
+    torch.testing.assert_close(conv(x2)[0][:, :6], y[:, :6])
+    y1, st = conv(x[:, :6], conv.new_state(2))
+    y2, st = conv(x[:, 6:], st)
+    torch.testing.assert_close(torch.cat([y1, y2], 1), ref)
+    torch.testing.assert_close(st, x[:, -4:].transpose(1, 2))  # the last w inputs, oldest first
+
+
+def test_s6_is_built_from_the_mamba_mixers_parts():
+    """The ablation's S6 and the Mamba mixer share parameter names, shapes and initialisation."""
+    torch.manual_seed(7)
+    s6 = S6(16, 4)
+    torch.manual_seed(7)
+    ref = Mamba(8, 4, expand=2, dt_rank=1)  # d_inner 16; its first draws are in_proj and conv1d
+    assert {n: p.shape for n, p in s6.named_parameters()} == {
+        n: p.shape
+        for n, p in ref.named_parameters()
+        if n.split(".")[0] in ("x_proj", "dt_proj", "A_log", "D")
+    }
+    torch.testing.assert_close(s6.A_log, ref.A_log)
+    assert all(
+        getattr(p, "_ssm_optim", None) == {"weight_decay": 0.0} for p in (s6.A_log, s6.D, s6.dt_proj.bias)
+    )
 
 
 @pytest.mark.parametrize("arch,layer", [("none", "s4d"), ("h3", "s6"), ("mamba", "s4"), ("mamba", "s6")])
-def test_sequence_model_step_and_chunks(arch, layer):
+def test_sequence_model_tokens_and_chunks(arch, layer):
     torch.manual_seed(4)
-    model = SequenceModel(11, 8, 2, arch, layer, d_state=4, dtype=torch.float64)
+    model = SequenceModel(SequenceModelConfig(11, 8, 2, arch, layer, d_state=4), dtype=torch.float64)
     ids = torch.randint(0, 11, (2, 17))
     logits = model(ids)
     assert logits.shape == (2, 17, 11)
@@ -94,16 +139,15 @@ def test_sequence_model_step_and_chunks(arch, layer):
         assert p.grad is not None, name
     tol = 1e-6 if (arch, layer) == ("mamba", "s6") else 1e-10
     with torch.no_grad():
-        state, outs = model.new_state(2), []
-        for chunk in ids.split(5, dim=1):  # 5 + 5 + 5 + 2
-            out, state = model(chunk, state, return_state=True)
-            outs.append(out)
-        torch.testing.assert_close(torch.cat(outs, 1), logits.detach(), rtol=tol, atol=tol)
-        state, outs = model.new_state(2), []
-        for t in range(ids.shape[1]):
-            out, state = model.step(ids[:, t], state)
-            outs.append(out)
-        torch.testing.assert_close(torch.stack(outs, 1), logits.detach(), rtol=tol, atol=tol)
+        for sizes in ([5, 5, 5, 2], [1] * 17):
+            cache, outs, start = model.new_cache(2), [], 0
+            for n in sizes:
+                outs.append(model(ids[:, start : start + n], cache=cache))
+                start += n
+            assert cache.seqlen_offset == 17
+            torch.testing.assert_close(torch.cat(outs, 1), logits.detach(), rtol=tol, atol=tol)
+        last = model(ids, num_last_tokens=3)
+        torch.testing.assert_close(last, logits.detach()[:, -3:], rtol=tol, atol=tol)
 
 
 def test_bad_arguments():
@@ -113,8 +157,10 @@ def test_bad_arguments():
         Block(4, "none", "lstm")
     with pytest.raises(ValueError, match="d_model"):
         Block(4, "none", "s4d")(torch.randn(1, 3, 5))
-    model = SequenceModel(7, 4, 1, "none", "s4d", d_state=4)
-    with pytest.raises(ValueError, match="ids"):
+    model = SequenceModel(SequenceModelConfig(7, 4, 1, "none", "s4d", d_state=4))
+    with pytest.raises(ValueError, match="input_ids"):
         model(torch.randn(1, 3))
-    with pytest.raises(ValueError, match="state"):
-        model(torch.zeros(1, 3, dtype=torch.long), state=[])
+    with pytest.raises(ValueError, match="cache holds 0 layer states"):
+        model(torch.zeros(1, 3, dtype=torch.long), cache=Cache([], 1))
+    with pytest.raises(ValueError, match="SequenceModelConfig"):
+        SequenceModel(7)

@@ -138,9 +138,8 @@ def test_residual_stream_is_float32():
 @pytest.mark.parametrize(
     "ids,match",
     [
-        (torch.tensor([[1, 2, 100]]), "vocab_size"),
-        (torch.tensor([[1, -1, 3]]), "vocab_size"),
         (torch.tensor([[1.0, 2.0]]), "dtype"),
+        (torch.tensor([[1, 2]], dtype=torch.uint8), "dtype"),  # the embedding would fail on uint8
         (torch.tensor([1, 2, 3]), "shape"),
         (torch.zeros(1, 0, dtype=torch.long), "shape"),
         ([[1, 2]], "torch.Tensor"),
@@ -150,6 +149,25 @@ def test_bad_input_ids(ids, match):
     model = MambaLM(small())
     with pytest.raises(ValueError, match=match):
         model(ids)
+
+
+@pytest.mark.parametrize("ids", [torch.tensor([[1, 2, 100]]), torch.tensor([[1, -1, 3]])])
+def test_ids_out_of_range_are_caught_once_by_generate(ids):
+    """forward does no host sync per call (no range check); generate checks the prompt once."""
+    model = MambaLM(small())
+    with pytest.raises(ValueError, match="vocab_size"):
+        model.generate(ids, max_new_tokens=1)
+
+
+@pytest.mark.parametrize("n", [-1, 1.5, True])
+def test_bad_num_last_tokens(n):
+    with pytest.raises(ValueError, match="num_last_tokens"):
+        MambaLM(small())(torch.zeros(1, 3, dtype=torch.long), num_last_tokens=n)
+
+
+def test_float64_model_returns_float64_logits():
+    model = MambaLM(small()).double()
+    assert model(torch.zeros(1, 3, dtype=torch.long)).dtype == torch.float64
 
 
 def test_bad_cache():

@@ -5,7 +5,8 @@ Public API (re-exports only; each name is imported on first use so that ``import
     ssmkit.lti            discretize, recurrent, kernel, convolve, scan, hippo, nplr, continuous_response
     selective_scan        the S6 operator (reference / chunked / cpu backends)
     RMSNorm, Mamba        layers                     S4D, S4          LTI layers
-    MambaConfig, MambaLM  the Mamba language model
+    MambaConfig, MambaLM  the Mamba language model          TransformerConfig, TransformerLM  its baseline
+    SequenceModelConfig, SequenceModel  the ablation models    Cache, generate  the state protocol, decoding
 """
 
 from importlib import import_module
@@ -20,8 +21,12 @@ _EXPORTS = {
     "S4": "ssmkit.layers.s4",
     "MambaConfig": "ssmkit.models.config",
     "MambaLM": "ssmkit.models.mamba_lm",
+    "TransformerConfig": "ssmkit.models.transformer_lm",
     "TransformerLM": "ssmkit.models.transformer_lm",
+    "SequenceModelConfig": "ssmkit.models.sequence",
     "SequenceModel": "ssmkit.models.sequence",
+    "Cache": "ssmkit.models.cache",
+    "generate": "ssmkit.generate",
     "param_groups": "ssmkit.train.optim",
 }
 

@@ -128,6 +128,34 @@ def _check_args(max_new_tokens, temperature, top_k, top_p, min_p, repetition_pen
         raise ValueError(f"eos_token_id must be in [0, {vocab}), got {eos_token_id}")
 
 
+def check_input_ids(input_ids: Tensor, vocab_size: int | None = None) -> None:
+    """ValueError unless ``input_ids`` is an int64/int32 (b, l) tensor with b, l >= 1.
+
+    With ``vocab_size``, also check that every id lies in [0, vocab_size) — a reduction read back to the
+    host, so it is done once at the boundary (``generate``, the CLI), never in a model's forward.
+    """
+    if not isinstance(input_ids, Tensor):
+        raise ValueError(f"input_ids must be a torch.Tensor of shape (b, l), got {type(input_ids).__name__}")
+    if input_ids.dtype not in (torch.long, torch.int32):
+        raise ValueError(
+            f"input_ids must be an integer tensor (torch.long or int32), got dtype {input_ids.dtype}"
+        )
+    if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must have shape (b, l) with b, l >= 1, got {tuple(input_ids.shape)}")
+    if vocab_size is not None:
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(
+                f"input_ids must lie in [0, vocab_size={vocab_size}), got values in [{lo}, {hi}]"
+            )
+
+
+def check_num_last_tokens(num_last_tokens: int) -> None:
+    """ValueError unless ``num_last_tokens`` is an int >= 0 (0: logits for every position)."""
+    if isinstance(num_last_tokens, bool) or not isinstance(num_last_tokens, int) or num_last_tokens < 0:
+        raise ValueError(f"num_last_tokens must be an int >= 0 (0 = all positions), got {num_last_tokens!r}")
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -145,8 +173,8 @@ def generate(
     """Generate up to ``max_new_tokens`` tokens after equal-length prompts ``input_ids`` (b, l).
 
     Args:
-        model: has ``config.vocab_size``, ``check_input_ids``, ``new_cache(b)`` and
-            ``model(ids, cache=, num_last_tokens=)`` (e.g. :class:`ssmkit.MambaLM`).
+        model: speaks the state protocol — ``config.vocab_size``, ``new_cache(b)`` and
+            ``model(ids, cache=, num_last_tokens=)`` (:class:`ssmkit.MambaLM`, ``TransformerLM``).
         input_ids: (b, l) long prompt ids (all rows the same length; no padding).
         max_new_tokens: number of tokens to add (fewer if every row emits ``eos_token_id``).
         temperature, top_k, top_p, min_p, repetition_penalty: see the module docstring.
@@ -158,7 +186,7 @@ def generate(
     """
     vocab = model.config.vocab_size
     _check_args(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, eos_token_id, vocab)
-    model.check_input_ids(input_ids)
+    check_input_ids(input_ids, vocab)
     sequences = input_ids.to(torch.long)  # (b, l)
     if max_new_tokens == 0:
         return sequences
@@ -183,7 +211,7 @@ def generate(
 
 
 class GenerationMixin:
-    """``model.generate(input_ids, max_new_tokens, …)`` for any model with the interface :func:`generate`
-    needs (MambaLM, TransformerLM): the function itself, bound as a method, so ``model`` is ``self``."""
+    """``model.generate(input_ids, max_new_tokens, …)`` for any model that speaks the state protocol
+    (MambaLM, TransformerLM): the function itself, bound as a method, so ``model`` is ``self``."""
 
     generate = generate

@@ -34,8 +34,9 @@ import torch
 from torch import nn
 
 from ssmkit.models.config import MambaConfig
-from ssmkit.models.mamba_lm import MambaCache, MambaLM
+from ssmkit.models.mamba_lm import MambaLM
 from ssmkit.models.transformer_lm import TransformerConfig, TransformerLM
+from ssmkit.utils import atomic_save, atomic_write, atomic_write_text, count_parameters
 
 
 @dataclass
@@ -107,18 +108,6 @@ class DecodeRow:
     """Bytes of cache held for this one sequence after prefill + decode."""
 
 
-def count_params(model: nn.Module) -> int:
-    """Number of distinct parameters (tied weights counted once)."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-
-def cache_bytes(cache) -> int:
-    """Bytes of recurrent state / KV cache a model holds for its batch (see the module docstring)."""
-    if isinstance(cache, MambaCache):
-        return sum(s.conv_state.nbytes + s.ssm_state.nbytes for s in cache.layers)
-    return int(cache.nbytes)
-
-
 def matched_transformer_config(mamba_cfg: MambaConfig, n_head: int) -> TransformerConfig:
     """A Transformer of the same D, depth and vocabulary whose MLP width makes its parameter count equal
     (to a multiple of 8) the Mamba's. The count is linear in ``d_mlp``, so two probes on the meta device
@@ -135,8 +124,8 @@ def matched_transformer_config(mamba_cfg: MambaConfig, n_head: int) -> Transform
         )
 
     with torch.device("meta"):
-        target = count_params(MambaLM(mamba_cfg))
-        p8, p16 = count_params(TransformerLM(build(8))), count_params(TransformerLM(build(16)))
+        target = count_parameters(MambaLM(mamba_cfg))
+        p8, p16 = count_parameters(TransformerLM(build(8))), count_parameters(TransformerLM(build(16)))
     slope = (p16 - p8) / 8  # parameters per unit of d_mlp
     d_mlp = max(8, 8 * round((8 + (target - p8) / slope) / 8))
     return build(d_mlp)
@@ -201,7 +190,7 @@ def measure_decode(
         steps.append(time.perf_counter() - t0)
         if progress is not None:
             progress.update(1)
-    return prefill_s, steps, cache_bytes(cache)
+    return prefill_s, steps, cache.nbytes
 
 
 def run_decode_bench(cfg: DecodeBenchConfig, out_dir: Path | None = None, show_progress: bool = True):
@@ -210,7 +199,7 @@ def run_decode_bench(cfg: DecodeBenchConfig, out_dir: Path | None = None, show_p
     from tqdm import tqdm
 
     models = build_models(cfg)
-    params = {name: count_params(m) for name, m in models.items()}
+    params = {name: count_parameters(m) for name, m in models.items()}
     for name, p in params.items():
         print(f"[bench decode] {name}: {p:,} parameters")
     # warm-up (discarded): first calls pay one-off costs (kernel compilation, allocator growth, lazy init)
@@ -266,22 +255,14 @@ def human_bytes(n: int) -> str:
     raise AssertionError("unreachable")
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def write_results(rows: list[DecodeRow], cfg: DecodeBenchConfig, out_dir: Path, params: dict) -> list[Path]:
     """decode.csv, decode.json (config + rows + torch/threads info) and decode.png."""
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, json_path, png_path = out_dir / "decode.csv", out_dir / "decode.json", out_dir / "decode.png"
-    tmp = csv_path.with_name(csv_path.name + ".tmp")
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(asdict(rows[0])))
+    with atomic_write(csv_path) as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(asdict(rows[0])), lineterminator="\n")
         writer.writeheader()
         writer.writerows(asdict(r) for r in rows)
-    tmp.replace(csv_path)
     info = {
         "config": asdict(cfg),
         "params": params,
@@ -289,7 +270,7 @@ def write_results(rows: list[DecodeRow], cfg: DecodeBenchConfig, out_dir: Path, 
         "threads": torch.get_num_threads(),
         "rows": [asdict(r) for r in rows],
     }
-    _atomic_write(json_path, json.dumps(info, indent=1))
+    atomic_write_text(json_path, json.dumps(info, indent=1))
     plot_decode(rows, png_path)
     return [csv_path, json_path, png_path]
 
@@ -319,10 +300,8 @@ def plot_decode(rows: list[DecodeRow], path: Path) -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    atomic_save(path, lambda tmp: fig.savefig(tmp, dpi=120))
     plt.close(fig)
-    tmp.replace(path)
 
 
 def expected_state_bytes(model: nn.Module, context: int) -> int:
@@ -338,8 +317,6 @@ __all__ = [
     "DecodeBenchConfig",
     "DecodeRow",
     "build_models",
-    "cache_bytes",
-    "count_params",
     "expected_state_bytes",
     "format_table",
     "matched_transformer_config",

@@ -1,5 +1,6 @@
 """Causal multi-head attention with absolute (sinusoidal) or rotary positions and a KV cache, and the
-pre-norm Transformer block built on it — the attention baseline of the Mamba paper's Table 11.
+pre-norm Transformer block built on it — ssmkit's one attention module, used by ``TransformerLM`` and by
+the attention baseline of the Mamba paper's Table 11.
 
 References: Vaswani et al. (2017) "Attention Is All You Need" (§3.2 attention, §3.5 sinusoidal
 positions); Su et al. (2021) "RoFormer" (rotary embedding, eq. 34); Gu & Dao (2023) §4.1.2 (MHA-Abs,
@@ -11,42 +12,71 @@ MHA-RoPE with 8 heads as induction-heads baselines).
     out      = W_o concat_heads(y)
 
 Absolute positions are the fixed sinusoids PE(m)_{2i} = sin(m/10000^{2i/d}), PE(m)_{2i+1} = cos(·),
-added to the residual stream by the first block (``add_positions=True``) — fixed rather than learned so
+added to the token embedding by the model (``TransformerLM``, ``SequenceModel``) — fixed rather than learned so
 that evaluation past the training length is defined (the paper's learned-or-not choice is not stated).
 
-Caching (decoding and chunked evaluation): the state is a :class:`KVCache` holding the keys and values of
-all tokens seen so far (rotary already applied) and their count; ``forward(x, state)`` appends the new
-tokens' keys/values and lets the new queries attend to everything cached (causally among themselves).
-Unlike an SSM's state this grows linearly with the length — the point Table 11 makes.
+Caching (decoding and chunked evaluation) follows ssmkit's one state protocol: ``state =
+attn.new_state(b)`` is a :class:`KVCache` — preallocated key/value buffers (rotary already applied) and
+the count t of tokens in them; ``attn(x, state)`` writes the new tokens' keys/values at positions
+[t, t + l) (the buffers double when full; ``new_state(b, capacity)`` reserves room up front) and lets the
+new queries attend to all t + l tokens, causally among themselves. Unlike an SSM's state this grows
+linearly with the length — the point Table 11 makes; ``KVCache.nbytes`` counts the filled part.
 
-Glossary: b batch, l new tokens, t cached + new tokens, h heads (n_heads), e head size d_h, d d_model.
+Glossary: b batch, l new tokens, t cached tokens, h heads (n_head), e head size d_h, d d_model, f d_mlp.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 POSITIONALS = ("abs", "rope", "none")
-N_HEADS = 8  # heads of the Table 11 baselines (SequenceModel's arch "attention")
+N_HEAD = 8  # heads of the Table 11 baselines (SequenceModel's arch "attention")
 
 
-@dataclass
 class KVCache:
-    """Keys/values of the tokens consumed so far, for one attention layer.
+    """Keys and values of the tokens consumed so far by one attention layer, in preallocated buffers.
 
     Attributes:
-        k, v: (b, h, t, e) keys (rotary applied) and values.
-        offset: t, the number of tokens consumed (the position of the next token).
+        k, v: (b, h, capacity, e) buffers; positions [0, t) hold the keys (rotary applied) and values.
+        t: number of tokens consumed (the position of the next token).
     """
 
-    k: Tensor
-    v: Tensor
-    offset: int
+    def __init__(self, k: Tensor, v: Tensor, t: int = 0):
+        self.k, self.v, self.t = k, v, t
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        """Tokens the buffers hold before they grow."""
+        return self.k.shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the filled part of the buffers (what the sequence needs held)."""
+        return self.k[:, :, : self.t].nbytes + self.v[:, :, : self.t].nbytes
+
+    def append(self, k_new: Tensor, v_new: Tensor) -> tuple[Tensor, Tensor]:
+        """Store (b, h, l, e) keys/values at positions [t, t + l); return views of all t + l of them.
+
+        When full, the buffers are replaced by ones of twice the size (or t + l, if larger)."""
+        t, l = self.t, k_new.shape[2]
+        if t + l > self.capacity:
+            cap = max(t + l, 2 * self.capacity)
+            b, h, _, e = self.k.shape
+            k, v = self.k.new_empty(b, h, cap, e), self.v.new_empty(b, h, cap, e)  # (b, h, cap, e) ×2
+            k[:, :, :t], v[:, :, :t] = self.k[:, :, :t], self.v[:, :, :t]
+            self.k, self.v = k, v
+        self.k[:, :, t : t + l] = k_new
+        self.v[:, :, t : t + l] = v_new
+        self.t = t + l
+        return self.k[:, :, : t + l], self.v[:, :, : t + l]  # (b, h, t + l, e) ×2
 
 
 def sinusoidal_positions(positions: Tensor, d_model: int) -> Tensor:
@@ -77,108 +107,115 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class MultiheadAttention(nn.Module):
-    """Causal multi-head self-attention with optional rotary positions and a KV cache."""
+    """Causal multi-head self-attention with optional rotary positions and a KV cache.
 
-    def __init__(self, d_model: int, n_heads: int = 8, positional: str = "rope", rope_base: float = 10000.0):
+    Args:
+        d_model: width d (input and output).
+        n_head: number of heads h (head size e = d / h, even for rotary positions).
+        positional: "rope" (rotary in this layer), "abs" or "none" (no positions in this layer).
+        rope_base: base of the rotary frequencies θ_i = base^(−2i/e).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_head: int = 8,
+        positional: str = "rope",
+        rope_base: float = 10000.0,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         if positional not in POSITIONALS:
             raise ValueError(f"positional must be one of {POSITIONALS}, got {positional!r}")
-        if d_model % n_heads or (d_model // n_heads) % 2:
-            raise ValueError(f"d_model ({d_model}) must be a multiple of 2·n_heads (n_heads={n_heads})")
-        self.d_model, self.n_heads, self.head_dim = d_model, n_heads, d_model // n_heads
+        if d_model % n_head or (d_model // n_head) % 2:
+            raise ValueError(f"d_model ({d_model}) must be a multiple of 2·n_head (n_head={n_head})")
+        self.d_model, self.n_head, self.head_dim = d_model, n_head, d_model // n_head
         self.positional, self.rope_base = positional, rope_base
-        self.qkv = nn.Linear(d_model, 3 * d_model)
-        self.out_proj = nn.Linear(d_model, d_model)
+        self.qkv = nn.Linear(d_model, 3 * d_model, device=device, dtype=dtype)
+        self.out_proj = nn.Linear(d_model, d_model, device=device, dtype=dtype)
 
-    def new_state(self, batch: int, device=None, dtype=None) -> KVCache:
-        dev = device if device is not None else self.qkv.weight.device
-        dt = dtype if dtype is not None else self.qkv.weight.dtype
-        empty = torch.zeros(batch, self.n_heads, 0, self.head_dim, device=dev, dtype=dt)  # (b, h, 0, e)
-        return KVCache(empty, empty.clone(), 0)
+    def new_state(self, batch: int, capacity: int = 0) -> KVCache:
+        """An empty KV cache for ``batch`` sequences with room for ``capacity`` tokens before it grows."""
+        if not isinstance(batch, int) or batch <= 0:
+            raise ValueError(f"batch must be a positive int, got {batch!r}")
+        if not isinstance(capacity, int) or capacity < 0:
+            raise ValueError(f"capacity must be an int >= 0, got {capacity!r}")
+        w = self.qkv.weight
+        shape = (batch, self.n_head, capacity, self.head_dim)  # (b, h, capacity, e)
+        return KVCache(w.new_empty(shape), w.new_empty(shape), 0)
 
-    def forward(self, x: Tensor, state: KVCache | None = None) -> tuple[Tensor, KVCache]:
-        """x (b, l, d) -> (y (b, l, d), the cache extended by these l tokens)."""
+    def forward(self, x: Tensor, state: KVCache | None = None) -> Tensor:
+        """x (b, l, d) -> y (b, l, d); with ``state``, attend to its tokens too and append these l."""
         b, l, d = x.shape
         if d != self.d_model:
             raise ValueError(f"x must be (b, l, {self.d_model}), got {tuple(x.shape)}")
-        offset = 0 if state is None else state.offset
-        if state is not None and state.k.shape[0] != b:
-            raise ValueError(f"state batch {state.k.shape[0]} does not match x batch {b}")
-        q, k, v = (
-            self.qkv(x).view(b, l, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        )  # (b, h, l, e)
+        if state is not None and state.batch_size != b:
+            raise ValueError(f"state holds batch size {state.batch_size}, x has batch size {b}")
+        offset = 0 if state is None else state.t
+        q, k, v = self.qkv(x).view(b, l, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # (b, h, l, e)
         if self.positional == "rope":
-            pos = torch.arange(offset, offset + l, device=x.device)  # (l,)
-            cos, sin = rope_angles(pos, self.head_dim, self.rope_base)
+            pos = torch.arange(offset, offset + l)  # (l,) on the CPU, where rope_angles builds its tables
+            cos, sin = rope_angles(pos, self.head_dim, self.rope_base)  # (l, e/2) ×2
             cos, sin = cos.to(x.device), sin.to(x.device)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if state is not None and offset > 0:
-            k = torch.cat([state.k.to(k.dtype), k], dim=2)  # (b, h, t, e)
-            v = torch.cat([state.v.to(v.dtype), v], dim=2)  # (b, h, t, e)
-        t = k.shape[2]
-        if t == l:
+        if state is not None:
+            k, v = state.append(k.to(state.k.dtype), v.to(state.v.dtype))  # (b, h, t + l, e) ×2
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        if offset == 0:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (b, h, l, e)
+        elif l == 1:
+            y = F.scaled_dot_product_attention(q, k, v)  # (b, h, 1, e): one query sees every key
         else:
             qpos = torch.arange(offset, offset + l, device=x.device)[:, None]  # (l, 1)
-            mask = torch.arange(t, device=x.device)[None, :] <= qpos  # (l, t)
+            mask = torch.arange(offset + l, device=x.device)[None, :] <= qpos  # (l, t + l)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (b, h, l, e)
-        y = self.out_proj(y.transpose(1, 2).reshape(b, l, d))  # (b, l, d)
-        return y, KVCache(k, v, offset + l)
-
-
-@dataclass
-class TransformerBlockConfig:
-    """One pre-norm Transformer block."""
-
-    d_model: int = 64
-    """Width of the residual stream."""
-    n_heads: int = 8
-    """Attention heads (the paper's Table 11: 8)."""
-    positional: str = "rope"
-    """'abs' (sinusoids added by the first block), 'rope' (rotary in every block) or 'none'."""
-    mlp_ratio: int = 4
-    """MLP hidden width as a multiple of d_model; 0: no MLP (an attention-only block)."""
-    add_positions: bool = False
-    """Add the sinusoidal position embedding to the input (the first block of an 'abs' model)."""
+        return self.out_proj(y.transpose(1, 2).reshape(b, l, d))  # (b, l, d)
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm block: x ← x + Attn(LN(x)); x ← x + MLP(LN(x)) (MLP only if mlp_ratio > 0). Same call
-    shape as ``layers.blocks``:
-    ``forward(x, state=None, return_state=False)``, ``step(x_t, state)``, ``new_state(batch)``."""
+    """Pre-norm block: x ← x + Attn(LN(x)); x ← x + MLP(LN(x)), MLP = Linear(d, f) → GELU → Linear(f, d).
 
-    def __init__(self, config: TransformerBlockConfig):
+    The one block of ssmkit's Transformers (``TransformerLM`` and the ablation's attention baseline).
+
+    Args:
+        d_model: width d of the residual stream.
+        n_head: attention heads.
+        positional: "rope" (rotary in the attention), "abs" or "none" (positions, if any, are added to
+            the embedding by the model).
+        d_mlp: MLP hidden width f; 0 means no MLP (an attention-only block, the paper's Table 11 MHA).
+        norm_eps: ε of the LayerNorms.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_head: int = 8,
+        positional: str = "rope",
+        d_mlp: int = 0,
+        norm_eps: float = 1e-5,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
-        c = self.config = config
-        self.norm1 = nn.LayerNorm(c.d_model)
-        self.attn = MultiheadAttention(c.d_model, c.n_heads, c.positional)
-        if c.mlp_ratio < 0:
-            raise ValueError(f"mlp_ratio must be >= 0, got {c.mlp_ratio}")
+        if not isinstance(d_mlp, int) or d_mlp < 0:
+            raise ValueError(f"d_mlp must be an int >= 0, got {d_mlp!r}")
+        f = {"device": device, "dtype": dtype}
+        self.norm1 = nn.LayerNorm(d_model, eps=norm_eps, **f)
+        self.attn = MultiheadAttention(d_model, n_head, positional, **f)
         self.norm2 = self.mlp = None
-        if c.mlp_ratio > 0:
-            self.norm2 = nn.LayerNorm(c.d_model)
+        if d_mlp > 0:
+            self.norm2 = nn.LayerNorm(d_model, eps=norm_eps, **f)
             self.mlp = nn.Sequential(
-                nn.Linear(c.d_model, c.mlp_ratio * c.d_model),
-                nn.GELU(),
-                nn.Linear(c.mlp_ratio * c.d_model, c.d_model),
+                nn.Linear(d_model, d_mlp, **f), nn.GELU(), nn.Linear(d_mlp, d_model, **f)
             )
 
-    def new_state(self, batch: int, device=None, dtype=None) -> KVCache:
-        return self.attn.new_state(batch, device, dtype)
+    def new_state(self, batch: int, capacity: int = 0) -> KVCache:
+        return self.attn.new_state(batch, capacity)
 
-    def forward(self, x: Tensor, state: KVCache | None = None, return_state: bool = False):
-        """x (b, l, d) -> y (b, l, d) [, new state]."""
-        if self.config.add_positions and self.config.positional == "abs":
-            offset = 0 if state is None else state.offset
-            pos = torch.arange(offset, offset + x.shape[1])  # (l,)
-            x = x + sinusoidal_positions(pos, self.config.d_model).to(x.device, x.dtype)  # (b, l, d)
-        a, new = self.attn(self.norm1(x), state)  # (b, l, d)
-        x = x + a
+    def forward(self, x: Tensor, state: KVCache | None = None) -> Tensor:
+        """x (b, l, d) -> (b, l, d); with ``state``, continue from it and append these tokens."""
+        x = x + self.attn(self.norm1(x), state)  # (b, l, d)
         if self.mlp is not None:
             x = x + self.mlp(self.norm2(x))  # (b, l, d)
-        return (x, new) if return_state else x
-
-    def step(self, x_t: Tensor, state: KVCache) -> tuple[Tensor, KVCache]:
-        """One token: x_t (b, d) -> (y_t (b, d), state)."""
-        y, new = self.forward(x_t[:, None, :], state, return_state=True)  # (b, 1, d)
-        return y[:, 0], new
+        return x

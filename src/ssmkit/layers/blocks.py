@@ -23,10 +23,11 @@ Deviations said out loud:
   ``d_conv`` (a shift matrix A of size d_conv with learned C is exactly that filter). H3 uses heads of
   size 1 here (elementwise products), not its multi-head outer products.
 
-Every mixer has ``forward(x, state=None, return_state=False)``, ``new_state(batch)`` and
-``step(x_t, state) -> (y_t, state)``; step runs each part's own recurrence (``S4D.step``, ``S4.step``,
-``S6.step``, ``CausalConv.step``), so it checks forward rather than repeating it. States are tuples of
-tensors (the Mamba mixer's ``MambaState``) and are replaced, never modified in place.
+Every mixer and block speaks ssmkit's one state protocol: ``new_state(batch)`` returns a state object
+and ``forward(x, state=None)`` consumes any number of new tokens and updates that state (its fields are
+replaced, never modified in place, so gradients flow through them). The h3 and mamba mixers' state is a
+:class:`GatedState` (their conv's last inputs and the inner layer's own state); the s6 layer's is an
+:class:`S6State`; s4d / s4 use theirs (``LTIState``). The mamba arch with s6 is the Mamba mixer itself.
 
 Glossary (code -> paper): d_model D; d_inner E·D; d_state N; d_conv the conv/shift width; x_proj,
 dt_proj, A_log, D as in Mamba; q/k/v_proj H3's projections.
@@ -35,27 +36,47 @@ dt_proj, A_log, D as in Mamba; q/k/v_proj H3's projections.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ssmkit.layers.mamba import Mamba, MambaState, inverse_softplus
+from ssmkit.layers.mamba import Mamba, conv1d_silu, init_selective_ssm, selective_ssm
 from ssmkit.layers.norm import RMSNorm
 from ssmkit.layers.s4 import S4
-from ssmkit.layers.s4d import S4D, SSM_OPTIM
-from ssmkit.scan import selective_scan
+from ssmkit.layers.s4d import S4D
 
 ARCHS = ("none", "h3", "mamba")
 LAYERS = ("s4d", "s4", "s6")
 
 
+@dataclass
+class S6State:
+    """State of the bare S6 layer: h (b, d, N), float32 (float64 for a float64 layer)."""
+
+    h: Tensor
+
+
+@dataclass
+class GatedState:
+    """State of the h3 and mamba mixers.
+
+    Attributes:
+        conv_state: (b, d, w) the last w inputs of the conv (mamba) or shift filter (h3), oldest first.
+        ssm_state: the inner sequence layer's state (``LTIState`` or :class:`S6State`), updated by it.
+    """
+
+    conv_state: Tensor
+    ssm_state: object
+
+
 class S6(nn.Module):
-    """The selective SSM on d channels (Mamba's x_proj, dt_proj, A_log, D; no conv, no gate).
+    """The selective SSM on d channels: the Mamba mixer's own x_proj, dt_proj, A_log, D (no conv, no gate).
 
     h_t = exp(Δ_t A) h_{t−1} + Δ_t B_t x_t,  y_t = C_t h_t + D x_t, with (δ, B, C) = x_proj(x_t) and
-    Δ_t = softplus(dt_proj(δ)). Initialised as mamba-ssm (A = −(1 … N) per channel, D = 1,
-    softplus(dt_proj.bias) log-uniform in [dt_min, dt_max]). Input/output (b, l, d); state (b, d, N).
+    Δ_t = softplus(dt_proj(δ)); parameters and initialisation from ``layers.mamba.init_selective_ssm``,
+    the computation ``layers.mamba.selective_ssm`` (exactly the Mamba mixer's). Input/output (b, l, d).
     """
 
     def __init__(
@@ -65,7 +86,6 @@ class S6(nn.Module):
         dt_rank: int | str = "auto",
         dt_min: float = 1e-3,
         dt_max: float = 0.1,
-        dt_init_floor: float = 1e-4,
         device=None,
         dtype=None,
     ):
@@ -76,103 +96,51 @@ class S6(nn.Module):
             raise ValueError(f"dt_rank must be 'auto' or a positive int, got {dt_rank!r}")
         if not 0 < dt_min <= dt_max:
             raise ValueError(f"need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
-        f = {"device": device, "dtype": dtype}
-        self.d_model, self.d_state, self.dt_rank = d_model, d_state, dt_rank
-        self.x_proj = nn.Linear(d_model, dt_rank + 2 * d_state, bias=False, **f)
-        self.dt_proj = nn.Linear(dt_rank, d_model, bias=True, **f)
-        with torch.no_grad():
-            std = dt_rank**-0.5
-            self.dt_proj.weight.uniform_(-std, std)
-            u01 = torch.rand(d_model, dtype=torch.float64)  # (d,)
-            dt = torch.exp(u01 * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(
-                min=dt_init_floor
-            )
-            self.dt_proj.bias.copy_(inverse_softplus(dt))
-        A = torch.arange(1, d_state + 1, dtype=torch.float64).repeat(d_model, 1)  # (d, N)
-        self.A_log = nn.Parameter(torch.log(A).to(device, dtype or torch.get_default_dtype()))  # (d, N)
-        self.D = nn.Parameter(torch.ones(d_model, **f))  # (d,)
-        for p in (self.A_log, self.D, self.dt_proj.bias):
-            p._ssm_optim = dict(SSM_OPTIM)
+        self.d_model = d_model
+        init_selective_ssm(
+            self, d_model, d_state, dt_rank, dt_min, dt_max, factory={"device": device, "dtype": dtype}
+        )
+        if dtype is not None:  # A_log and D are created in float32, as in mamba-ssm
+            self.to(dtype)
 
-    def new_state(self, batch: int) -> Tensor:
+    def new_state(self, batch: int) -> S6State:
         """Zero state h (batch, d, N) in float32 (float64 for a float64 layer)."""
         dtype = torch.float64 if self.D.dtype == torch.float64 else torch.float32
-        return torch.zeros(batch, self.d_model, self.d_state, device=self.D.device, dtype=dtype)
+        return S6State(torch.zeros(batch, self.d_model, self.d_state, device=self.D.device, dtype=dtype))
 
-    def _project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(δ, B, C) = x_proj(x): x (..., d) -> δ (..., R), B (..., N), C (..., N)."""
-        return torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
-
-    def forward(self, x: Tensor, state: Tensor | None = None, return_state: bool = False):
-        """x (b, l, d) -> y (b, l, d) [, state (b, d, N)] by ``ssmkit.selective_scan``."""
-        delta, B, C = self._project(x)  # (b, l, R), (b, l, N), (b, l, N)
-        delta = (delta @ self.dt_proj.weight.t()).transpose(1, 2)  # (b, d, l)
-        A = -torch.exp(self.A_log)  # (d, N)
-        y, last = selective_scan(
-            x.transpose(1, 2),
-            delta,
-            A,
-            B.transpose(1, 2),
-            C.transpose(1, 2),
-            D=self.D,
-            delta_bias=self.dt_proj.bias,
-            delta_softplus=True,
-            return_last_state=True,
-            initial_state=state,
-        )  # (b, d, l), (b, d, N)
-        y = y.transpose(1, 2)  # (b, l, d)
-        return (y, last) if return_state else y
-
-    def step(self, x_t: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
-        """One step of the recurrence (Mamba's decode step). x_t (b, d) -> (y_t (b, d), state)."""
-        delta, B, C = self._project(x_t)  # (b, R), (b, N), (b, N)
-        dt = F.softplus(self.dt_proj(delta)).to(state.dtype)  # (b, d)
-        A = -torch.exp(self.A_log.to(state.dtype))  # (d, N)
-        xs = x_t.to(state.dtype)  # (b, d)
-        state = (
-            torch.exp(dt[..., None] * A) * state + (dt * xs)[..., None] * B.to(state.dtype)[:, None]
-        )  # (b, d, N)
-        y = (state * C.to(state.dtype)[:, None]).sum(-1) + self.D * xs  # (b, d)
-        return y.to(x_t.dtype), state
+    def forward(self, x: Tensor, state: S6State | None = None) -> Tensor:
+        """x (b, l, d) -> y (b, l, d); with ``state``, start from ``state.h`` and replace it by the last."""
+        y, last = selective_ssm(
+            self, x.transpose(1, 2), None, None if state is None else state.h
+        )  # (b, d, l)
+        if state is not None:
+            state.h = last  # (b, d, N)
+        return y.transpose(1, 2)  # (b, l, d)
 
 
 class CausalConv(nn.Module):
-    """Causal depthwise convolution of width w; its state is the last w − 1 inputs (b, d, w − 1)."""
+    """Causal depthwise convolution of width w (H3's shift filter, no bias): y_t = Σ_k w_k x_{t−w+1+k}."""
 
-    def __init__(self, d_model: int, width: int, bias: bool = True, device=None, dtype=None):
+    def __init__(self, d_model: int, width: int, device=None, dtype=None):
         super().__init__()
         if not isinstance(width, int) or width < 1:
             raise ValueError(f"d_conv must be a positive int, got {width!r}")
         self.d_model, self.width = d_model, width
-        conv = nn.Conv1d(d_model, d_model, width, groups=d_model, bias=bias, device=device, dtype=dtype)
+        conv = nn.Conv1d(d_model, d_model, width, groups=d_model, bias=False, device=device, dtype=dtype)
         self.weight = conv.weight  # (d, 1, w)
-        self.bias = conv.bias  # (d,) or None
 
     def new_state(self, batch: int) -> Tensor:
-        return self.weight.new_zeros(batch, self.d_model, self.width - 1)  # (b, d, w − 1)
+        return self.weight.new_zeros(batch, self.d_model, self.width)  # (b, d, w) the last w inputs
 
-    def forward(self, x: Tensor, state: Tensor | None = None, return_state: bool = False):
-        """x (b, l, d) -> (b, l, d) [, state (b, d, w − 1)]."""
+    def forward(self, x: Tensor, conv_state: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """x (b, l, d) -> (y (b, l, d), conv state (b, d, w) after the last input, or None without one)."""
         xt = x.transpose(1, 2)  # (b, d, l)
-        hist = self.new_state(x.shape[0]).to(xt.dtype) if state is None else state.to(xt.dtype)
-        full = torch.cat([hist, xt], dim=-1)  # (b, d, w − 1 + l)
-        y = F.conv1d(full, self.weight, self.bias, groups=self.d_model).transpose(1, 2)  # (b, l, d)
-        return (y, full[..., full.shape[-1] - (self.width - 1) :]) if return_state else y
-
-    def step(self, x_t: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
-        """x_t (b, d) -> (y_t (b, d), state): a dot product with the window [state, x_t]."""
-        window = torch.cat([state.to(x_t.dtype), x_t[..., None]], dim=-1)  # (b, d, w)
-        y = (window * self.weight[:, 0]).sum(-1)  # (b, d)
-        if self.bias is not None:
-            y = y + self.bias
-        return y, window[..., 1:]
-
-
-def run(module: nn.Module, x: Tensor, state, return_state: bool):
-    """(y, state after x) if ``return_state`` else (y, None): skips the final-state work when unused."""
-    if return_state:
-        return module(x, state, return_state=True)
-    return module(x, state), None
+        hist = xt.new_zeros(x.shape[0], self.d_model, self.width) if conv_state is None else conv_state
+        full = torch.cat([hist[:, :, 1:].to(xt.dtype), xt], dim=-1)  # (b, d, w − 1 + l)
+        y = F.conv1d(full, self.weight, None, groups=self.d_model).transpose(1, 2)  # (b, l, d)
+        if conv_state is None:
+            return y, None
+        return y, torch.cat([hist.to(xt.dtype), xt], dim=-1)[:, :, -self.width :]  # (b, d, w)
 
 
 def make_ssm(layer: str, d: int, d_state: int, s4d_init: str, dt_min: float, dt_max: float, f: dict):
@@ -197,14 +165,8 @@ class NoGateMixer(nn.Module):
     def new_state(self, batch: int):
         return self.ssm.new_state(batch)
 
-    def forward(self, x: Tensor, state=None, return_state: bool = False):
-        y, s = run(self.ssm, x, state, return_state)  # (b, l, d)
-        y = self.out_proj(F.gelu(y))  # (b, l, d)
-        return (y, s) if return_state else y
-
-    def step(self, x_t: Tensor, state):
-        y, state = self.ssm.step(x_t, state)  # (b, d)
-        return self.out_proj(F.gelu(y)), state
+    def forward(self, x: Tensor, state=None) -> Tensor:
+        return self.out_proj(F.gelu(self.ssm(x, state)))  # (b, l, d)
 
 
 class H3Mixer(nn.Module):
@@ -215,79 +177,49 @@ class H3Mixer(nn.Module):
         self.q_proj = nn.Linear(d_model, d_model, **f)
         self.k_proj = nn.Linear(d_model, d_model, **f)
         self.v_proj = nn.Linear(d_model, d_model, **f)
-        self.shift = CausalConv(d_model, d_conv, bias=False, **f)
+        self.shift = CausalConv(d_model, d_conv, **f)
         self.ssm = ssm
         self.out_proj = nn.Linear(d_model, d_model, **f)
 
-    def new_state(self, batch: int):
-        return (self.shift.new_state(batch), self.ssm.new_state(batch))
+    def new_state(self, batch: int) -> GatedState:
+        return GatedState(self.shift.new_state(batch), self.ssm.new_state(batch))
 
-    def forward(self, x: Tensor, state=None, return_state: bool = False):
-        s_shift, s_ssm = (None, None) if state is None else state
+    def forward(self, x: Tensor, state: GatedState | None = None) -> Tensor:
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (b, l, d) each
-        k, s_shift = run(self.shift, k, s_shift, return_state)  # (b, l, d)
-        y, s_ssm = run(self.ssm, k * v, s_ssm, return_state)  # (b, l, d)
-        y = self.out_proj(q * y)  # (b, l, d)
-        return (y, (s_shift, s_ssm)) if return_state else y
-
-    def step(self, x_t: Tensor, state):
-        s_shift, s_ssm = state
-        q, k, v = self.q_proj(x_t), self.k_proj(x_t), self.v_proj(x_t)  # (b, d) each
-        k, s_shift = self.shift.step(k, s_shift)  # (b, d)
-        y, s_ssm = self.ssm.step(k * v, s_ssm)  # (b, d)
-        return self.out_proj(q * y), (s_shift, s_ssm)
+        k, conv_state = self.shift(k, None if state is None else state.conv_state)  # (b, l, d)
+        y = self.ssm(k * v, None if state is None else state.ssm_state)  # (b, l, d)
+        if state is not None:
+            state.conv_state = conv_state
+        return self.out_proj(q * y)  # (b, l, d)
 
 
 class MambaArchMixer(nn.Module):
-    """``mamba`` with an LTI layer: y = out_proj(SSM(SiLU(conv1d(x))) ⊙ SiLU(z)), (x, z) = in_proj(u)."""
+    """``mamba`` with an LTI layer: y = out_proj(SSM(SiLU(conv1d(x))) ⊙ SiLU(z)), (x, z) = in_proj(u).
+
+    The in_proj / conv1d / out_proj and the conv computation are the Mamba mixer's (``conv1d_silu``)."""
 
     def __init__(self, d_model: int, ssm: nn.Module, d_inner: int, d_conv: int, f: dict):
         super().__init__()
         self.d_inner = d_inner
         self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=False, **f)
-        self.conv1d = CausalConv(d_inner, d_conv, bias=True, **f)
+        self.conv1d = nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner, padding=d_conv - 1, **f)
         self.ssm = ssm
         self.out_proj = nn.Linear(d_inner, d_model, bias=False, **f)
 
-    def new_state(self, batch: int):
-        return (self.conv1d.new_state(batch), self.ssm.new_state(batch))
+    def new_state(self, batch: int) -> GatedState:
+        w = self.conv1d.weight  # (d_inner, 1, w)
+        conv = w.new_zeros(batch, self.d_inner, w.shape[-1])  # (b, d_inner, w)
+        return GatedState(conv, self.ssm.new_state(batch))
 
-    def forward(self, u: Tensor, state=None, return_state: bool = False):
-        s_conv, s_ssm = (None, None) if state is None else state
+    def forward(self, u: Tensor, state: GatedState | None = None) -> Tensor:
         x, z = self.in_proj(u).chunk(2, dim=-1)  # (b, l, d_inner) each
-        x, s_conv = run(self.conv1d, x, s_conv, return_state)  # (b, l, d_inner)
-        y, s_ssm = run(self.ssm, F.silu(x), s_ssm, return_state)  # (b, l, d_inner)
-        y = self.out_proj(y * F.silu(z))  # (b, l, d)
-        return (y, (s_conv, s_ssm)) if return_state else y
-
-    def step(self, u_t: Tensor, state):
-        s_conv, s_ssm = state
-        x, z = self.in_proj(u_t).chunk(2, dim=-1)  # (b, d_inner) each
-        x, s_conv = self.conv1d.step(x, s_conv)  # (b, d_inner)
-        y, s_ssm = self.ssm.step(F.silu(x), s_ssm)  # (b, d_inner)
-        return self.out_proj(y * F.silu(z)), (s_conv, s_ssm)
-
-
-class MambaMixer(nn.Module):
-    """``mamba`` with s6: the Mamba mixer itself, behind the common state interface."""
-
-    def __init__(self, mamba: Mamba):
-        super().__init__()
-        self.mamba = mamba
-
-    def new_state(self, batch: int) -> MambaState:
-        return self.mamba.new_state(batch)
-
-    def forward(self, x: Tensor, state: MambaState | None = None, return_state: bool = False):
-        if state is None and not return_state:
-            return self.mamba(x)
-        st = self.new_state(x.shape[0]) if state is None else MambaState(state.conv_state, state.ssm_state)
-        y = self.mamba(x, st)  # replaces st's tensors
-        return (y, st) if return_state else y
-
-    def step(self, x_t: Tensor, state: MambaState):
-        st = MambaState(state.conv_state, state.ssm_state)
-        return self.mamba(x_t[:, None], st)[:, 0], st  # decode: one token through the same code path
+        x, conv_state = conv1d_silu(
+            self.conv1d, x.transpose(1, 2), None if state is None else state.conv_state
+        )  # (b, d_inner, l)
+        if state is not None:
+            state.conv_state = conv_state
+        y = self.ssm(x.transpose(1, 2), None if state is None else state.ssm_state)  # (b, l, d_inner)
+        return self.out_proj(y * F.silu(z))  # (b, l, d)
 
 
 class Block(nn.Module):
@@ -331,8 +263,8 @@ class Block(nn.Module):
         self.d_model, self.arch, self.layer = d_model, arch, layer
         self.norm = RMSNorm(d_model, eps=norm_eps, **f)
         if arch == "mamba" and layer == "s6":
-            m = Mamba(d_model, d_state, d_conv, expand, dt_min=dt_min, dt_max=dt_max, **f)
-            self.mixer = MambaMixer(m)  # Mamba tags its own SSM parameters (_ssm_optim)
+            # the Mamba mixer itself (it tags its own SSM parameters, _ssm_optim)
+            self.mixer = Mamba(d_model, d_state, d_conv, expand, dt_min=dt_min, dt_max=dt_max, **f)
         elif arch == "mamba":
             d_inner = int(expand * d_model)
             ssm = make_ssm(layer, d_inner, d_state, s4d_init, dt_min, dt_max, f)
@@ -352,21 +284,11 @@ class Block(nn.Module):
             raise ValueError(f"batch must be a positive int, got {batch!r}")
         return self.mixer.new_state(batch)
 
-    def forward(self, x: Tensor, state=None, return_state: bool = False):
-        """x (b, l, d) -> (b, l, d) [, state]; continues from ``state`` when given."""
+    def forward(self, x: Tensor, state=None) -> Tensor:
+        """x (b, l, d) -> (b, l, d); continues from ``state`` and updates it when given."""
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must have shape (b, l, d_model={self.d_model}), got {tuple(x.shape)}")
-        out = self.mixer(self.norm(x), state=state, return_state=return_state)
-        if return_state:
-            return x + out[0], out[1]
-        return x + out
-
-    def step(self, x_t: Tensor, state):
-        """Recurrent mode: x_t (b, d) -> (y_t (b, d), state)."""
-        if x_t.dim() != 2 or x_t.shape[-1] != self.d_model:
-            raise ValueError(f"x_t must have shape (b, d_model={self.d_model}), got {tuple(x_t.shape)}")
-        y, state = self.mixer.step(self.norm(x_t), state)
-        return x_t + y, state
+        return x + self.mixer(self.norm(x), state)
 
     def extra_repr(self) -> str:
         return f"arch={self.arch!r}, layer={self.layer!r}"

@@ -73,6 +73,109 @@ def _wx(weight: Tensor, x: Tensor) -> Tensor:
     return torch.bmm(weight.expand(x.shape[0], -1, -1), x)
 
 
+def init_selective_ssm(
+    module: nn.Module,
+    d_inner: int,
+    d_state: int,
+    dt_rank: int,
+    dt_min: float = 1e-3,
+    dt_max: float = 0.1,
+    dt_init: str = "random",
+    dt_scale: float = 1.0,
+    dt_init_floor: float = 1e-4,
+    factory: dict | None = None,
+) -> None:
+    """Create the selective SSM's parameters on ``module`` with mamba-ssm's names and initialisation.
+
+    ``x_proj`` (d_inner -> R + 2N, no bias), ``dt_proj`` (R -> d_inner): weight ~ U(±std) (or = std),
+    std = R^-½ · dt_scale, bias = softplus⁻¹(Δ) for Δ log-uniform in [dt_min, dt_max] floored at
+    dt_init_floor (marked ``_no_reinit``); ``A_log`` = log(1..N) per channel (S4D-Real: A = −(1..N)),
+    float32; ``D`` = 1, float32. A_log, D and dt_proj.bias carry "no weight decay" (``_ssm_optim``).
+    Used by :class:`Mamba` and by the ablation's bare S6 layer, so both are the same S6.
+    """
+    factory = factory or {}
+    device = factory.get("device")
+    module.dt_rank, module.d_state = dt_rank, d_state
+    module.x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False, **factory)
+    module.dt_proj = nn.Linear(dt_rank, d_inner, bias=True, **factory)
+    dt_init_std = dt_rank**-0.5 * dt_scale
+    with torch.no_grad():
+        if dt_init == "constant":
+            module.dt_proj.weight.fill_(dt_init_std)
+        else:
+            module.dt_proj.weight.uniform_(-dt_init_std, dt_init_std)
+        u01 = torch.rand(d_inner, device=device, dtype=torch.float32)  # (d_inner,)
+        dt = torch.exp(u01 * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = dt.clamp(min=dt_init_floor)  # (d_inner,)
+        module.dt_proj.bias.copy_(inverse_softplus(dt))
+    module.dt_proj.bias._no_reinit = True  # the model-level init must not zero this bias
+    A = torch.arange(1, d_state + 1, dtype=torch.float32, device=device).repeat(d_inner, 1)  # (d_inner, N)
+    module.A_log = nn.Parameter(torch.log(A))  # (d_inner, N)
+    module.A_log._no_weight_decay = True
+    module.D = nn.Parameter(torch.ones(d_inner, device=device, dtype=torch.float32))  # (d_inner,)
+    module.D._no_weight_decay = True
+    for p in (module.A_log, module.D, module.dt_proj.bias):  # read by ssmkit.train.optim.param_groups
+        p._ssm_optim = {"weight_decay": 0.0}
+
+
+def selective_ssm(
+    module: nn.Module, x: Tensor, z: Tensor | None, ssm_state: Tensor | None
+) -> tuple[Tensor, Tensor | None]:
+    """The selective SSM of ``module`` (parameters from :func:`init_selective_ssm`) on x (b, d_inner, l).
+
+    (δ, B, C) = x_proj(x), Δ = softplus(dt_proj.weight δ + dt_proj.bias), then
+    ``selective_scan(x, Δ, A = −exp(A_log), B, C, D, z)`` from ``ssm_state`` (b, d_inner, N) or zeros.
+    Everything stays in the (b, channels, l) layout: weight @ x per batch row is one batched matmul that
+    reads and writes it directly, so no (b, d_inner, l) transpose copies, forward or backward.
+
+    Returns:
+        y (b, d_inner, l) and, when ``ssm_state`` was given, the state after the last token (float32, or
+        float64 for a float64 layer), else None.
+    """
+    x_dbl = _wx(module.x_proj.weight, x)  # (b, R + 2N, l)
+    if module.x_proj.bias is not None:
+        x_dbl = x_dbl + module.x_proj.bias[:, None]
+    dt, B, C = torch.split(x_dbl, [module.dt_rank, module.d_state, module.d_state], dim=1)  # (b, ·, l) views
+    dt = _wx(module.dt_proj.weight, dt)  # (b, d_inner, l); bias added in the scan
+    A = -torch.exp(_at_least_f32(module.A_log))  # (d_inner, N)
+    result = selective_scan(
+        x,
+        dt,
+        A,
+        B,
+        C,
+        D=_at_least_f32(module.D),
+        z=z,
+        delta_bias=_at_least_f32(module.dt_proj.bias),
+        delta_softplus=True,
+        return_last_state=ssm_state is not None,
+        initial_state=ssm_state,
+    )
+    if ssm_state is None:
+        return result, None  # (b, d_inner, l)
+    y, last = result  # (b, d_inner, l), (b, d_inner, N)
+    return y, _at_least_f32(last)
+
+
+def conv1d_silu(conv1d: nn.Conv1d, x: Tensor, conv_state: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """SiLU(causal depthwise conv1d(x)) over [history, new inputs] (the Mamba mixer's conv, fused).
+
+    The history is the last w − 1 inputs (zeros for a fresh sequence), so exactly l outputs come out with
+    no padding. ``conv_state`` (b, d, w) holds the last w pre-convolution inputs, oldest first (mamba-ssm's
+    and transformers' layout); x (b, d, l). Returns y (b, d, l) and the conv state after the last input
+    (None without a state).
+    """
+    w = conv1d.weight[:, 0].to(x.dtype)  # (d, w)
+    bias = None if conv1d.bias is None else conv1d.bias.to(x.dtype)  # (d,)
+    if conv_state is None:
+        return causal_conv1d_silu(x, w, bias, None), None
+    width = w.shape[-1]
+    hist = conv_state.to(x.dtype)  # (b, d, w)
+    tail = torch.cat([hist, x[:, :, -width:]], dim=-1)[:, :, -width:]  # (b, d, w)
+    y = causal_conv1d_silu(x, w, bias, hist[:, :, 1:])  # (b, d, l)
+    return y, tail.to(conv_state.dtype)
+
+
 class Mamba(nn.Module):
     """The Mamba (S6) mixer with mamba-ssm's parameters and initialisation.
 
@@ -145,31 +248,9 @@ class Mamba(nn.Module):
             bias=conv_bias,
             **factory,
         )
-        self.x_proj = nn.Linear(self.d_inner, dt_rank + 2 * d_state, bias=False, **factory)
-        self.dt_proj = nn.Linear(dt_rank, self.d_inner, bias=True, **factory)
-
-        # Δ projection: weight ~ U(±std) (or = std), bias = softplus⁻¹(log-uniform Δ in [dt_min, dt_max]).
-        dt_init_std = dt_rank**-0.5 * dt_scale
-        with torch.no_grad():
-            if dt_init == "constant":
-                self.dt_proj.weight.fill_(dt_init_std)
-            else:
-                self.dt_proj.weight.uniform_(-dt_init_std, dt_init_std)
-            u01 = torch.rand(self.d_inner, device=device, dtype=torch.float32)  # (d_inner,)
-            dt = torch.exp(u01 * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
-            dt = dt.clamp(min=dt_init_floor)  # (d_inner,)
-            self.dt_proj.bias.copy_(inverse_softplus(dt))
-        self.dt_proj.bias._no_reinit = True  # the model-level init must not zero this bias
-
-        # S4D-Real: A = -(1, 2, ..., N) for every channel, stored as log(-A) in float32.
-        A = torch.arange(1, d_state + 1, dtype=torch.float32, device=device).repeat(self.d_inner, 1)
-        self.A_log = nn.Parameter(torch.log(A))  # (d_inner, N)
-        self.A_log._no_weight_decay = True
-        self.D = nn.Parameter(torch.ones(self.d_inner, device=device, dtype=torch.float32))  # (d_inner,)
-        self.D._no_weight_decay = True
-        for p in (self.A_log, self.D, self.dt_proj.bias):  # read by ssmkit.train.optim.param_groups
-            p._ssm_optim = {"weight_decay": 0.0}
-
+        init_selective_ssm(
+            self, self.d_inner, d_state, dt_rank, dt_min, dt_max, dt_init, dt_scale, dt_init_floor, factory
+        )
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
 
     def new_state(self, batch_size: int, device=None, dtype=None) -> MambaState:
@@ -183,6 +264,8 @@ class Mamba(nn.Module):
         return MambaState(conv_state=conv, ssm_state=ssm)
 
     def _check_state(self, state: MambaState, b: int) -> None:
+        if not isinstance(state, MambaState):
+            raise ValueError(f"state must be a MambaState (from new_state), got {type(state).__name__}")
         expected = {
             "conv_state": (b, self.d_inner, self.d_conv),
             "ssm_state": (b, self.d_inner, self.d_state),
@@ -206,9 +289,15 @@ class Mamba(nn.Module):
                 f"hidden_states must have shape (b, l, d_model={self.d_model}), "
                 f"got {tuple(hidden_states.shape)}"
             )
-        b, l, _ = hidden_states.shape
+        if hidden_states.dtype != self.in_proj.weight.dtype and not torch.is_autocast_enabled(
+            hidden_states.device.type
+        ):
+            raise ValueError(
+                f"hidden_states has dtype {hidden_states.dtype} but the layer's weights are "
+                f"{self.in_proj.weight.dtype}; convert one to the other (e.g. layer.to({hidden_states.dtype}))"
+            )
         if state is not None:
-            self._check_state(state, b)
+            self._check_state(state, hidden_states.shape[0])
 
         # in_proj computed directly in the (b, 2·d_inner, l) layout the conv and the scan read, so x, z and
         # Δ below are contiguous (no transposes/copies; mamba-ssm does the same).
@@ -217,45 +306,13 @@ class Mamba(nn.Module):
             xz = xz + self.in_proj.bias[:, None]  # (b, 2·d_inner, l)
         x, z = xz.chunk(2, dim=1)  # (b, d_inner, l) each
 
-        # Causal depthwise conv + SiLU over [history, new inputs]: the history is the last d_conv - 1 inputs
-        # (zeros for a fresh sequence), so exactly l outputs come out with no padding.
-        w = self.conv1d.weight[:, 0].to(x.dtype)  # (d_inner, d_conv)
-        bias = None if self.conv1d.bias is None else self.conv1d.bias.to(x.dtype)  # (d_inner,)
-        history = None
+        conv_state = None if state is None else state.conv_state
+        x, conv_state = conv1d_silu(self.conv1d, x, conv_state)  # (b, d_inner, l)
         if state is not None:
-            conv_state = state.conv_state.to(x.dtype)  # (b, d_inner, d_conv)
-            history = conv_state[:, :, 1:]  # (b, d_inner, d_conv - 1)
-            tail = torch.cat([conv_state, x[:, :, -self.d_conv :]], dim=-1)  # (b, d_inner, ≤ 2·d_conv)
-            state.conv_state = tail[:, :, -self.d_conv :].to(state.conv_state.dtype)  # (b, d_inner, d_conv)
-        x = causal_conv1d_silu(x, w, bias, history)  # (b, d_inner, l)
-
-        # Everything stays in the (b, channels, l) layout: weight @ x per batch row is one batched matmul
-        # that reads and writes it directly, so no (b, d_inner, l) transpose copies, forward or backward.
-        x_dbl = _wx(self.x_proj.weight, x)  # (b, R + 2N, l)
-        if self.x_proj.bias is not None:
-            x_dbl = x_dbl + self.x_proj.bias[:, None]
-        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)  # (b, ·, l) views
-        dt = _wx(self.dt_proj.weight, dt)  # (b, d_inner, l); bias added in the scan
-        A = -torch.exp(_at_least_f32(self.A_log))  # (d_inner, N)
-
-        result = selective_scan(
-            x,
-            dt,
-            A,
-            B,
-            C,
-            D=_at_least_f32(self.D),
-            z=z,
-            delta_bias=_at_least_f32(self.dt_proj.bias),
-            delta_softplus=True,
-            return_last_state=state is not None,
-            initial_state=None if state is None else state.ssm_state,
-        )
+            state.conv_state = conv_state  # (b, d_inner, d_conv)
+        y, last = selective_ssm(self, x, z, None if state is None else state.ssm_state)  # (b, d_inner, l)
         if state is not None:
-            y, last = result  # (b, d_inner, l), (b, d_inner, N)
-            state.ssm_state = _at_least_f32(last)
-        else:
-            y = result  # (b, d_inner, l)
+            state.ssm_state = last  # (b, d_inner, N)
         out = _wx(self.out_proj.weight, y)  # (b, d_model, l)
         if self.out_proj.bias is not None:
             out = out + self.out_proj.bias[:, None]

@@ -14,9 +14,10 @@ Each block is pre-norm with a residual stream kept in float32 (``residual_in_fp3
     h_{i+1} = h_i + Mamba_i(RMSNorm_i(h_i))
 which equals mamba-ssm's fused "Add → Norm → Mixer" ordering and transformers' ``MambaBlock``.
 
-Cached inference: ``cache = model.new_cache(b)``; ``model(ids, cache=cache)`` consumes any number of new
-tokens and continues from the cache (one :class:`~ssmkit.layers.mamba.MambaState` per layer, constant
-size in the sequence length). Prefill, chunked prefill and one-token decoding are one code path.
+Cached inference (ssmkit's one state protocol, ``ssmkit.models.cache``): ``cache = model.new_cache(b)``;
+``model(ids, cache=cache)`` consumes any number of new tokens and continues from the cache (one
+:class:`~ssmkit.layers.mamba.MambaState` per layer, constant size in the sequence length). Prefill,
+chunked prefill and one-token decoding are one code path.
 
 Glossary: D d_model; V_pad padded vocabulary; l sequence length; b batch.
 """
@@ -24,33 +25,16 @@ Glossary: D d_model; V_pad padded vocabulary; l sequence length; b batch.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from ssmkit.generate import GenerationMixin
+from ssmkit.generate import GenerationMixin, check_input_ids, check_num_last_tokens
 from ssmkit.layers.mamba import Mamba, MambaState
 from ssmkit.layers.norm import RMSNorm
+from ssmkit.models.cache import Cache
 from ssmkit.models.config import MambaConfig
-
-
-@dataclass
-class MambaCache:
-    """Recurrent state of a whole :class:`MambaLM` for a batch of sequences.
-
-    Attributes:
-        layers: one :class:`MambaState` per block.
-        seqlen_offset: number of tokens consumed so far.
-    """
-
-    layers: list[MambaState]
-    seqlen_offset: int = 0
-
-    @property
-    def batch_size(self) -> int:
-        return self.layers[0].ssm_state.shape[0]
 
 
 class MambaBlock(nn.Module):
@@ -81,7 +65,7 @@ class MambaBackbone(nn.Module):
         )
         self.norm_f = RMSNorm(config.d_model, eps=config.norm_eps, device=device, dtype=dtype)
 
-    def forward(self, input_ids: Tensor, cache: MambaCache | None = None) -> Tensor:
+    def forward(self, input_ids: Tensor, cache: Cache | None = None) -> Tensor:
         hidden = self.embedding(input_ids)  # (b, l, d)
         for i, layer in enumerate(self.layers):
             hidden = layer(hidden, state=None if cache is None else cache.layers[i])  # (b, l, d)
@@ -129,51 +113,32 @@ class MambaLM(GenerationMixin, nn.Module):
             self.lm_head.weight = self.backbone.embedding.weight
 
     # ------------------------------------------------------------------ inference
-    def new_cache(self, batch_size: int) -> MambaCache:
-        """A zero cache for ``batch_size`` sequences, on the model's device."""
-        return MambaCache([layer.mixer.new_state(batch_size) for layer in self.backbone.layers])
+    def new_cache(self, batch_size: int) -> Cache:
+        """A zero cache for ``batch_size`` sequences, on the model's device: one ``MambaState`` per layer."""
+        return Cache([layer.mixer.new_state(batch_size) for layer in self.backbone.layers], batch_size)
 
-    def check_input_ids(self, input_ids: Tensor) -> None:
-        """Raise ValueError unless ``input_ids`` is an integer (b, l) tensor with l >= 1 and ids in range."""
-        if not isinstance(input_ids, Tensor):
-            raise ValueError(
-                f"input_ids must be a torch.Tensor of shape (b, l), got {type(input_ids).__name__}"
-            )
-        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
-            raise ValueError(f"input_ids must be an integer tensor (torch.long), got dtype {input_ids.dtype}")
-        if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
-            raise ValueError(f"input_ids must have shape (b, l) with b, l >= 1, got {tuple(input_ids.shape)}")
-        lo, hi = int(input_ids.min()), int(input_ids.max())
-        if lo < 0 or hi >= self.config.vocab_size:
-            raise ValueError(
-                f"input_ids must lie in [0, vocab_size={self.config.vocab_size}), got values in [{lo}, {hi}]"
-            )
-
-    def forward(self, input_ids: Tensor, cache: MambaCache | None = None, num_last_tokens: int = 0) -> Tensor:
+    def forward(self, input_ids: Tensor, cache: Cache | None = None, num_last_tokens: int = 0) -> Tensor:
         """Logits for every position (or the last ``num_last_tokens``).
 
         Args:
-            input_ids: (b, l) integer token ids in [0, vocab_size).
-            cache: optional :class:`MambaCache` from :meth:`new_cache`; consumed and updated.
+            input_ids: (b, l) int64/int32 token ids in [0, vocab_size) (the range is checked by
+                ``generate`` and the CLI, not here: a check would read a value back every call).
+            cache: optional :class:`~ssmkit.models.cache.Cache` from :meth:`new_cache`; consumed and updated.
             num_last_tokens: if > 0, return logits for the last this many positions only.
         Returns:
-            logits (b, l, V_pad) float32 (V_pad = config.padded_vocab_size).
+            logits (b, l, V_pad) float32 (V_pad = config.padded_vocab_size), float64 for a float64 model.
         """
-        self.check_input_ids(input_ids)
+        check_input_ids(input_ids)
+        check_num_last_tokens(num_last_tokens)
         if cache is not None:
-            if not isinstance(cache, MambaCache) or len(cache.layers) != len(self.backbone.layers):
-                raise ValueError("cache must be a MambaCache from this model's new_cache()")
-            if cache.batch_size != input_ids.shape[0]:
-                raise ValueError(
-                    f"cache holds batch size {cache.batch_size}, "
-                    f"input_ids has batch size {input_ids.shape[0]}"
-                )
+            cache.check(len(self.backbone.layers), input_ids.shape[0])
         hidden = self.backbone(input_ids, cache)  # (b, l, d)
         if num_last_tokens > 0:
             hidden = hidden[:, -num_last_tokens:]  # (b, k, d)
         if cache is not None:
             cache.seqlen_offset += input_ids.shape[1]
-        return self.lm_head(hidden.to(self.lm_head.weight.dtype)).float()  # (b, l, V_pad)
+        logits = self.lm_head(hidden.to(self.lm_head.weight.dtype))  # (b, l, V_pad)
+        return logits if logits.dtype == torch.float64 else logits.float()
 
     # ------------------------------------------------------------------ checkpoints
     @classmethod

@@ -3,16 +3,12 @@
 Reference: Gu & Dao, "Mamba" (arXiv 2312.00752), §4.1 and Table 1 (2-layer models, D = 64, on
 Selective Copying and Induction Heads); the blocks are ``ssmkit.layers.blocks.Block``.
 
-Two ways to run it, with the same outputs:
+It speaks ssmkit's one state protocol, like ``MambaLM``: ``model(ids)`` for a whole chunk at once
+(convolution / scan); ``cache = model.new_cache(b)`` and ``model(ids, cache=cache)`` to continue from and
+update the state, so a long sequence can be evaluated chunk by chunk with memory that does not grow with
+its length (one-token decoding is the same call).
 
-    forward(ids, state=None, return_state=False)   a whole chunk at once (convolution / scan); from a
-                                                   state and returning the state after the chunk, so a
-                                                   long sequence can be evaluated chunk by chunk with
-                                                   memory that does not grow with its length
-    step(ids_t, state)                             one token through every block's recurrence
-
-Glossary: vocab_size V; d_model D; n_layer the number of blocks; arch / layer as in ``blocks``; state a
-list with one block state per layer.
+Glossary: vocab_size V; d_model D; n_layer the number of blocks; arch / layer as in ``blocks``.
 """
 
 from __future__ import annotations
@@ -22,9 +18,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ssmkit.layers.attention import N_HEADS, POSITIONALS, TransformerBlock, TransformerBlockConfig
+from ssmkit.generate import check_input_ids, check_num_last_tokens
+from ssmkit.layers.attention import N_HEAD, POSITIONALS, TransformerBlock, sinusoidal_positions
 from ssmkit.layers.blocks import ARCHS, LAYERS, Block
 from ssmkit.layers.norm import RMSNorm
+from ssmkit.models.cache import Cache
 
 
 @dataclass
@@ -76,96 +74,72 @@ class SequenceModelConfig:
 
 
 class SequenceModel(nn.Module):
-    """Embedding → ``n_layer`` × Block(arch, layer) → RMSNorm → linear head; logits (b, l, vocab)."""
+    """Embedding → ``n_layer`` × Block(arch, layer) → RMSNorm → linear head; logits (b, l, vocab).
 
-    def __init__(
-        self,
-        vocab_size: int,
-        d_model: int,
-        n_layer: int,
-        arch: str,
-        layer: str,
-        d_state: int = 16,
-        d_conv: int = 4,
-        expand: int = 2,
-        s4d_init: str = "lin",
-        dt_min: float = 1e-3,
-        dt_max: float = 0.1,
-        norm_eps: float = 1e-5,
-        tie_embeddings: bool = True,
-        device=None,
-        dtype=None,
-    ):
+    Args:
+        config: :class:`SequenceModelConfig`.
+    """
+
+    def __init__(self, config: SequenceModelConfig, device=None, dtype=None):
         super().__init__()
-        cfg = SequenceModelConfig(
-            vocab_size,
-            d_model,
-            n_layer,
-            arch,
-            layer,
-            d_state,
-            d_conv,
-            expand,
-            s4d_init,
-            dt_min,
-            dt_max,
-            norm_eps,
-            tie_embeddings,
-        )
-        self.config = cfg
+        if not isinstance(config, SequenceModelConfig):
+            raise ValueError(f"config must be a SequenceModelConfig, got {type(config).__name__}")
+        c = self.config = config
         f = {"device": device, "dtype": dtype}
-        self.embedding = nn.Embedding(vocab_size, d_model, **f)
+        self.embedding = nn.Embedding(c.vocab_size, c.d_model, **f)
         nn.init.normal_(self.embedding.weight, std=0.02)
-        if arch == "attention":  # pre-norm Transformer blocks; the first adds absolute positions if "abs"
+        if c.arch == "attention":  # pre-norm Transformer blocks; positions "abs" are added to the embedding
             # Attention only, no MLP: the Mamba paper's MHA baselines of Table 11 have 137K parameters at
             # 2 layers × d_model 128, which is exactly embedding + 2 × (q, k, v, out projections) + head.
-            blocks = [TransformerBlockConfig(d_model, N_HEADS, layer, 0, i == 0) for i in range(n_layer)]
-            self.layers = nn.ModuleList(TransformerBlock(c).to(**f) for c in blocks)
+            self.layers = nn.ModuleList(
+                TransformerBlock(c.d_model, N_HEAD, c.layer, d_mlp=0, **f) for _ in range(c.n_layer)
+            )
         else:
             self.layers = nn.ModuleList(
-                Block(d_model, arch, layer, d_state, d_conv, expand, s4d_init, dt_min, dt_max, norm_eps, **f)
-                for _ in range(n_layer)
+                Block(
+                    c.d_model,
+                    c.arch,
+                    c.layer,
+                    c.d_state,
+                    c.d_conv,
+                    c.expand,
+                    c.s4d_init,
+                    c.dt_min,
+                    c.dt_max,
+                    c.norm_eps,
+                    **f,
+                )
+                for _ in range(c.n_layer)
             )
-        self.norm_f = RMSNorm(d_model, eps=norm_eps, **f)
-        self.lm_head = nn.Linear(d_model, vocab_size, bias=False, **f)
-        if tie_embeddings:
+        self.norm_f = RMSNorm(c.d_model, eps=c.norm_eps, **f)
+        self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False, **f)
+        if c.tie_embeddings:
             self.lm_head.weight = self.embedding.weight
 
     @classmethod
     def from_config(cls, cfg: SequenceModelConfig, device=None, dtype=None) -> SequenceModel:
-        return cls(**vars(cfg), device=device, dtype=dtype)
+        return cls(cfg, device=device, dtype=dtype)
 
-    def new_state(self, batch: int) -> list:
-        """Zero state for ``batch`` sequences: one block state per layer."""
-        return [blk.new_state(batch) for blk in self.layers]
+    def new_cache(self, batch_size: int) -> Cache:
+        """Zero state for ``batch_size`` sequences: one block state per layer."""
+        return Cache([blk.new_state(batch_size) for blk in self.layers], batch_size)
 
-    def _check_ids(self, ids: Tensor, dims: int, hint: str) -> None:
-        if not isinstance(ids, Tensor) or ids.dim() != dims or ids.dtype not in (torch.long, torch.int32):
-            got = (tuple(ids.shape), ids.dtype) if isinstance(ids, Tensor) else type(ids).__name__
-            raise ValueError(f"ids must be an integer tensor of shape {hint}, got {got}")
-
-    def forward(self, ids: Tensor, state: list | None = None, return_state: bool = False):
-        """ids (b, l) -> logits (b, l, V) [, state]; continues from ``state`` when given."""
-        self._check_ids(ids, 2, "(b, l)")
-        if state is not None and len(state) != len(self.layers):
-            raise ValueError(f"state must hold {len(self.layers)} block states, got {len(state)}")
-        x = self.embedding(ids)  # (b, l, d)
-        new_state = []
+    def forward(self, input_ids: Tensor, cache: Cache | None = None, num_last_tokens: int = 0) -> Tensor:
+        """input_ids (b, l) -> logits (b, l, V) (the last ``num_last_tokens`` if > 0); continues from
+        ``cache`` and updates it when given."""
+        check_input_ids(input_ids)
+        check_num_last_tokens(num_last_tokens)
+        if cache is not None:
+            cache.check(len(self.layers), input_ids.shape[0])
+        x = self.embedding(input_ids)  # (b, l, d)
+        if self.config.arch == "attention" and self.config.layer == "abs":
+            offset = 0 if cache is None else cache.seqlen_offset
+            pos = torch.arange(offset, offset + input_ids.shape[1])  # (l,)
+            x = x + sinusoidal_positions(pos, self.config.d_model).to(x.device, x.dtype)  # (b, l, d)
         for i, blk in enumerate(self.layers):
-            if return_state:
-                x, s = blk(x, None if state is None else state[i], return_state=True)  # (b, l, d)
-                new_state.append(s)
-            else:
-                x = blk(x, None if state is None else state[i])  # (b, l, d)
-        logits = self.lm_head(self.norm_f(x))  # (b, l, V)
-        return (logits, new_state) if return_state else logits
-
-    def step(self, ids_t: Tensor, state: list) -> tuple[Tensor, list]:
-        """One token per sequence through every block's recurrence: ids_t (b,) -> (logits (b, V), state)."""
-        self._check_ids(ids_t, 1, "(b,)")
-        x = self.embedding(ids_t)  # (b, d)
-        new_state = []
-        for blk, s in zip(self.layers, state, strict=True):
-            x, s = blk.step(x, s)  # (b, d)
-            new_state.append(s)
-        return self.lm_head(self.norm_f(x)), new_state
+            x = blk(x, None if cache is None else cache.layers[i])  # (b, l, d)
+        if cache is not None:
+            cache.seqlen_offset += input_ids.shape[1]
+        if num_last_tokens > 0:
+            x = x[:, -num_last_tokens:]  # (b, k, d)
+        return self.lm_head(self.norm_f(x))  # (b, l, V)

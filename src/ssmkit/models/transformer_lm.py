@@ -11,15 +11,13 @@ attention layer and positions come from ``ssmkit.layers.attention`` (Vaswani et 
 Interface shared with :class:`ssmkit.MambaLM`, so ``ssmkit.generate``, the trainer and the decode bench
 drive either model: ``model(ids) -> logits (b, l, V_pad)``, ``cache = model.new_cache(b)``,
 ``model(ids, cache=cache, num_last_tokens=k)`` (prefill and decoding are the same call),
-``config.vocab_size``, ``check_input_ids``, ``save_pretrained`` / ``from_pretrained``.
+``config.vocab_size``, ``save_pretrained`` / ``from_pretrained``.
 
 The KV cache. The state of a Transformer is the keys and values of every past token: 2 × n_layer × t × D
-numbers for t tokens — it grows with the context (a Mamba layer's state does not). ``layers.attention``'s
-own cached forward extends its cache with ``torch.cat`` (a full copy per new token); here the cached path
-writes into preallocated buffers (capacity doubles when full, or is reserved up front with
-``new_cache(b, capacity=...)``) and attends over the filled part — the same arithmetic as
-``MultiheadAttention.forward`` on the same parameters (the slow twin, checked equal in the tests), so a
-decode step costs one pass over the cache, not two. ``cache.nbytes`` counts the filled part.
+numbers for t tokens — it grows with the context (a Mamba layer's state does not). The model's cache
+(``ssmkit.models.cache.Cache``) holds one :class:`~ssmkit.layers.attention.KVCache` per layer:
+preallocated buffers that double when full (or are reserved up front with ``new_cache(b, capacity=...)``),
+so a decode step costs one pass over the cache; ``cache.nbytes`` counts the filled part.
 
 Glossary: b batch; l new tokens; t tokens in the cache; D d_model; h n_head; e = D / h head size;
 f d_mlp; V_pad the padded vocabulary.
@@ -30,16 +28,16 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ssmkit.generate import GenerationMixin
-from ssmkit.layers.attention import MultiheadAttention, apply_rope, rope_angles, sinusoidal_positions
+from ssmkit.generate import GenerationMixin, check_input_ids, check_num_last_tokens
+from ssmkit.layers.attention import TransformerBlock, sinusoidal_positions
+from ssmkit.models.cache import Cache
+from ssmkit.utils import atomic_save, atomic_write_text, config_from_dict
 
 MODEL_TYPE = "ssmkit-transformer"
 POSITIONS = ("rope", "abs")
@@ -94,108 +92,9 @@ class TransformerConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> TransformerConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known - {"model_type"})
-        if unknown:
-            raise ValueError(f"TransformerConfig: unknown config fields {unknown}")
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-
-class TransformerCache:
-    """Preallocated keys and values of every layer for a batch of sequences.
-
-    Attributes:
-        k, v: per layer (b, h, capacity, e) buffers; positions [0, seqlen_offset) are filled.
-        seqlen_offset: number of tokens consumed so far (t).
-    """
-
-    def __init__(
-        self, n_layer: int, batch_size: int, n_head: int, head_dim: int, capacity: int, device, dtype
-    ):
-        if not isinstance(batch_size, int) or batch_size <= 0:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        if not isinstance(capacity, int) or capacity < 0:
-            raise ValueError(f"capacity must be an int >= 0, got {capacity!r}")
-        shape = (batch_size, n_head, capacity, head_dim)
-        self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(n_layer)]
-        self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(n_layer)]
-        self.seqlen_offset = 0
-
-    @property
-    def batch_size(self) -> int:
-        return self.k[0].shape[0]
-
-    @property
-    def capacity(self) -> int:
-        """Tokens the smallest layer buffer can hold without growing."""
-        return min(k.shape[2] for k in self.k)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the filled part of the K and V buffers (what the sequence needs held)."""
-        t = self.seqlen_offset
-        return sum(k[:, :, :t].nbytes + v[:, :, :t].nbytes for k, v in zip(self.k, self.v))
-
-    def write(self, layer: int, k_new: Tensor, v_new: Tensor) -> tuple[Tensor, Tensor]:
-        """Store (b, h, l, e) new keys/values at positions [t, t + l) of ``layer``; return views of all
-        t + l cached keys and values. Grows the buffers (doubling) when full."""
-        t, l = self.seqlen_offset, k_new.shape[2]
-        cap = self.k[layer].shape[2]
-        if t + l > cap:
-            new_cap = max(t + l, 2 * cap)
-            for buf in (self.k, self.v):
-                old = buf[layer]
-                grown = old.new_empty(old.shape[0], old.shape[1], new_cap, old.shape[3])  # (b, h, cap, e)
-                grown[:, :, :t] = old[:, :, :t]
-                buf[layer] = grown
-        self.k[layer][:, :, t : t + l] = k_new
-        self.v[layer][:, :, t : t + l] = v_new
-        return self.k[layer][:, :, : t + l], self.v[layer][:, :, : t + l]  # (b, h, t + l, e) ×2
-
-
-def attention_cached(attn: MultiheadAttention, x: Tensor, cache: TransformerCache, layer: int) -> Tensor:
-    """``attn.forward(x, state)`` (the slow twin) with the keys/values kept in ``cache``'s buffers.
-
-    x (b, l, D) -> (b, l, D). The new queries attend to all cached tokens and causally among themselves."""
-    b, l, d = x.shape
-    h, e, offset = attn.n_heads, attn.head_dim, cache.seqlen_offset
-    q, k, v = attn.qkv(x).view(b, l, 3, h, e).permute(2, 0, 3, 1, 4)  # (b, h, l, e) ×3
-    if attn.positional == "rope":
-        pos = torch.arange(offset, offset + l)  # (l,) on the CPU, where rope_angles builds its frequencies
-        cos, sin = rope_angles(pos, e, attn.rope_base)  # (l, e/2) ×2
-        q, k = (
-            apply_rope(q, cos.to(x.device), sin.to(x.device)),
-            apply_rope(k, cos.to(x.device), sin.to(x.device)),
-        )
-    keys, values = cache.write(layer, k, v)  # (b, h, t, e) ×2, t = offset + l
-    if offset == 0:
-        y = F.scaled_dot_product_attention(q, keys, values, is_causal=True)  # (b, h, l, e)
-    elif l == 1:
-        y = F.scaled_dot_product_attention(q, keys, values)  # (b, h, 1, e): one query sees every key
-    else:
-        qpos = torch.arange(offset, offset + l, device=x.device)[:, None]  # (l, 1)
-        mask = torch.arange(offset + l, device=x.device)[None, :] <= qpos  # (l, t)
-        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (b, h, l, e)
-    return attn.out_proj(y.transpose(1, 2).reshape(b, l, d))  # (b, l, D)
-
-
-class GPTBlock(nn.Module):
-    """Pre-norm block: x ← x + Attn(LN(x)); x ← x + MLP(LN(x)), MLP = Linear(D, f) → GELU → Linear(f, D)."""
-
-    def __init__(self, config: TransformerConfig):
-        super().__init__()
-        d, f = config.d_model, config.d_mlp
-        self.norm1 = nn.LayerNorm(d, eps=config.norm_eps)
-        self.attn = MultiheadAttention(d, config.n_head, config.pos)
-        self.norm2 = nn.LayerNorm(d, eps=config.norm_eps)
-        self.mlp = nn.Sequential(nn.Linear(d, f), nn.GELU(), nn.Linear(f, d))
-
-    def forward(self, x: Tensor, cache: TransformerCache | None = None, layer: int = 0) -> Tensor:
-        hn = self.norm1(x)  # (b, l, D)
-        a = self.attn(hn)[0] if cache is None else attention_cached(self.attn, hn, cache, layer)  # (b, l, D)
-        x = x + a
-        return x + self.mlp(self.norm2(x))  # (b, l, D)
+    def from_dict(cls, data: dict, where: str = "TransformerConfig") -> TransformerConfig:
+        """Strict: unknown keys or wrong types are one ValueError naming ``where`` (``model_type`` ignored)."""
+        return config_from_dict(cls, data, where, ignore=("model_type",))
 
 
 class TransformerLM(GenerationMixin, nn.Module):
@@ -207,7 +106,10 @@ class TransformerLM(GenerationMixin, nn.Module):
             raise ValueError(f"config must be a TransformerConfig, got {type(config).__name__}")
         self.config = config
         self.embedding = nn.Embedding(config.padded_vocab_size, config.d_model)
-        self.layers = nn.ModuleList([GPTBlock(config) for _ in range(config.n_layer)])
+        self.layers = nn.ModuleList(
+            TransformerBlock(config.d_model, config.n_head, config.pos, config.d_mlp, config.norm_eps)
+            for _ in range(config.n_layer)
+        )
         self.norm_f = nn.LayerNorm(config.d_model, eps=config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
         self._init_weights()
@@ -227,65 +129,38 @@ class TransformerLM(GenerationMixin, nn.Module):
                     proj.weight.normal_(0.0, 0.02 / math.sqrt(2 * self.config.n_layer))
 
     # ------------------------------------------------------------------ inference
-    def new_cache(self, batch_size: int, capacity: int = 0) -> TransformerCache:
-        """An empty KV cache for ``batch_size`` sequences (``capacity`` tokens reserved up front)."""
-        c = self.config
-        w = self.embedding.weight
-        return TransformerCache(
-            c.n_layer, batch_size, c.n_head, c.d_model // c.n_head, capacity, w.device, w.dtype
-        )
+    def new_cache(self, batch_size: int, capacity: int = 0) -> Cache:
+        """An empty cache for ``batch_size`` sequences: one KV cache per layer, ``capacity`` tokens reserved."""
+        return Cache([layer.new_state(batch_size, capacity) for layer in self.layers], batch_size)
 
-    def check_input_ids(self, input_ids: Tensor) -> None:
-        """Raise ValueError unless ``input_ids`` is an integer (b, l) tensor with ids in [0, vocab_size)."""
-        if (
-            not isinstance(input_ids, Tensor)
-            or input_ids.dtype.is_floating_point
-            or input_ids.dtype == torch.bool
-        ):
-            got = input_ids.dtype if isinstance(input_ids, Tensor) else type(input_ids).__name__
-            raise ValueError(f"input_ids must be an integer tensor (torch.long) of shape (b, l), got {got}")
-        if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
-            raise ValueError(f"input_ids must have shape (b, l) with b, l >= 1, got {tuple(input_ids.shape)}")
-        lo, hi = int(input_ids.min()), int(input_ids.max())
-        if lo < 0 or hi >= self.config.vocab_size:
-            raise ValueError(
-                f"input_ids must lie in [0, vocab_size={self.config.vocab_size}), got values in [{lo}, {hi}]"
-            )
-
-    def forward(
-        self, input_ids: Tensor, cache: TransformerCache | None = None, num_last_tokens: int = 0
-    ) -> Tensor:
+    def forward(self, input_ids: Tensor, cache: Cache | None = None, num_last_tokens: int = 0) -> Tensor:
         """Logits for every position (or the last ``num_last_tokens``).
 
         Args:
-            input_ids: (b, l) integer ids in [0, vocab_size).
-            cache: optional :class:`TransformerCache` from :meth:`new_cache`; extended by these tokens.
+            input_ids: (b, l) int64/int32 ids in [0, vocab_size) (range checked by ``generate`` / the CLI).
+            cache: optional :class:`~ssmkit.models.cache.Cache` from :meth:`new_cache`; extended by these tokens.
             num_last_tokens: if > 0, return logits for the last this many positions only.
         Returns:
-            logits (b, l, V_pad) float32.
+            logits (b, l, V_pad) float32 (float64 for a float64 model).
         """
-        self.check_input_ids(input_ids)
+        check_input_ids(input_ids)
+        check_num_last_tokens(num_last_tokens)
         offset = 0
         if cache is not None:
-            if not isinstance(cache, TransformerCache) or len(cache.k) != len(self.layers):
-                raise ValueError("cache must be a TransformerCache from this model's new_cache()")
-            if cache.batch_size != input_ids.shape[0]:
-                raise ValueError(
-                    f"cache holds batch size {cache.batch_size}, "
-                    f"input_ids has batch size {input_ids.shape[0]}"
-                )
+            cache.check(len(self.layers), input_ids.shape[0])
             offset = cache.seqlen_offset
         hidden = self.embedding(input_ids)  # (b, l, D)
         if self.config.pos == "abs":
             pos = torch.arange(offset, offset + input_ids.shape[1])  # (l,)
             hidden = hidden + sinusoidal_positions(pos, self.config.d_model).to(hidden.device, hidden.dtype)
         for i, layer in enumerate(self.layers):
-            hidden = layer(hidden, cache, i)  # (b, l, D)
+            hidden = layer(hidden, None if cache is None else cache.layers[i])  # (b, l, D)
         if cache is not None:
             cache.seqlen_offset += input_ids.shape[1]
         if num_last_tokens > 0:
             hidden = hidden[:, -num_last_tokens:]  # (b, k, D)
-        return self.lm_head(self.norm_f(hidden)).float()  # (b, l, V_pad)
+        logits = self.lm_head(self.norm_f(hidden))  # (b, l, V_pad)
+        return logits if logits.dtype == torch.float64 else logits.float()
 
     # ------------------------------------------------------------------ checkpoints
     def save_pretrained(self, path: str | os.PathLike) -> None:
@@ -298,14 +173,12 @@ class TransformerLM(GenerationMixin, nn.Module):
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         if self.config.tie_embeddings:
             state.pop("lm_head.weight")
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix="model.", suffix=".tmp")
-        os.close(fd)
-        save_file(state, tmp, metadata={"format": "pt"})
-        os.replace(tmp, folder / "model.safetensors")
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix="config.", suffix=".tmp")
-        with os.fdopen(fd, "w") as fh:
-            json.dump({"model_type": MODEL_TYPE, **self.config.to_dict()}, fh, indent=2)
-        os.replace(tmp, folder / "config.json")
+        atomic_save(
+            folder / "model.safetensors", lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"})
+        )
+        atomic_write_text(
+            folder / "config.json", json.dumps({"model_type": MODEL_TYPE, **self.config.to_dict()}, indent=2)
+        )
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> TransformerLM:
@@ -313,13 +186,21 @@ class TransformerLM(GenerationMixin, nn.Module):
         from safetensors.torch import load_file
 
         folder = Path(path)
-        data = json.loads((folder / "config.json").read_text())
-        if data.get("model_type") != MODEL_TYPE:
-            raise ValueError(
-                f"{folder}/config.json has model_type {data.get('model_type')!r}, expected {MODEL_TYPE!r}"
-            )
-        model = cls(TransformerConfig.from_dict(data))
-        state = load_file(str(folder / "model.safetensors"))
+        config_path = folder / "config.json"
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{config_path} not found (expected a folder written by save_pretrained)")
+        try:
+            data = json.loads(config_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{config_path}: not valid JSON ({e})") from None
+        if not isinstance(data, dict) or data.get("model_type") != MODEL_TYPE:
+            got = data.get("model_type") if isinstance(data, dict) else type(data).__name__
+            raise ValueError(f"{config_path} has model_type {got!r}, expected {MODEL_TYPE!r}")
+        model = cls(TransformerConfig.from_dict(data, where=str(config_path)))
+        weights = folder / "model.safetensors"
+        if not weights.is_file():
+            raise FileNotFoundError(f"{weights} not found")
+        state = load_file(str(weights))
         if model.config.tie_embeddings:
             state["lm_head.weight"] = state["embedding.weight"]
         model.load_state_dict(state, strict=True)

@@ -1,7 +1,7 @@
 """Evaluation on fixed validation sets, streaming long sequences through the model's recurrent state.
 
-For a sequence longer than ``chunk_size`` we call ``model(x[:, s:e], state=state, return_state=True)``
-(``SequenceModel``) or ``model(x[:, s:e], cache=cache)`` (``MambaLM``, ``TransformerLM``) chunk after chunk,
+For a sequence longer than ``chunk_size`` we call ``model(x[:, s:e], cache=cache)`` (ssmkit's one state
+protocol: ``SequenceModel``, ``MambaLM``, ``TransformerLM``) chunk after chunk,
 scoring only the targets inside each chunk, so memory is O(b · chunk) whatever the length (2^20 tokens
 on a laptop; a Transformer's KV cache still grows). The result equals one full forward pass up to float
 round-off (tested in the models' own tests: chunked forward == full forward).
@@ -26,9 +26,8 @@ def evaluate(
     """Mean loss and accuracy over the scored positions of ``data``.
 
     Args:
-        model: ``model(ids) -> logits (b, l, V)``; with ``chunk_size`` it must also provide either
-            ``new_state(batch)`` and accept ``state=``/``return_state=True``, or ``new_cache(batch)`` and
-            accept ``cache=`` (updated in place).
+        model: ``model(ids) -> logits (b, l, V)``; with ``chunk_size`` also ``new_cache(batch)`` and
+            ``model(ids, cache=cache)`` (the state protocol; the cache is updated in place).
         data: inputs/targets (n, l).
         batch_size: examples per forward pass.
         chunk_size: stream sequences longer than this in chunks of this many tokens (None: never).
@@ -47,23 +46,14 @@ def evaluate(
             x = data.inputs[i : i + batch_size]  # (b, l)
             y = data.targets[i : i + batch_size]  # (b, l)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast_bf16):
-                state = cache = None
+                cache = None
                 if chunk_size is None or l <= chunk_size:
                     spans = [(0, l)]
                 else:
                     spans = [(s, min(s + chunk_size, l)) for s in range(0, l, chunk_size)]
-                    if hasattr(model, "new_cache"):
-                        cache = model.new_cache(x.shape[0])
-                    else:
-                        state = model.new_state(x.shape[0])
+                    cache = model.new_cache(x.shape[0])
                 for s, e in spans:
-                    xs = x[:, s:e].to(dev)  # (b, c)
-                    if state is not None:
-                        logits, state = model(xs, state=state, return_state=True)  # (b, c, V)
-                    elif cache is not None:
-                        logits = model(xs, cache=cache)  # (b, c, V); the cache advances in place
-                    else:
-                        logits = model(xs)  # (b, c, V)
+                    logits = model(x[:, s:e].to(dev), cache=cache)  # (b, c, V); the cache advances in place
                     ls, c, k = masked_loss_sums(logits, y[:, s:e].to(dev))
                     loss_sum += ls.item()
                     correct += int(c.item())
