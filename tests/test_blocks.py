@@ -1,5 +1,6 @@
 """Blocks (arch × layer) and SequenceModel: one full forward == one-token decoding == chunked forward
-with state passing (values and gradients); gradients reach every parameter; the s6 pieces against a sequential loop written here."""
+with state passing (values and gradients); gradients reach every parameter; the s6 pieces against a
+sequential loop written here."""
 
 from __future__ import annotations
 

@@ -12,8 +12,9 @@ MHA-RoPE with 8 heads as induction-heads baselines).
     out      = W_o concat_heads(y)
 
 Absolute positions are the fixed sinusoids PE(m)_{2i} = sin(m/10000^{2i/d}), PE(m)_{2i+1} = cos(·),
-added to the token embedding by the model (``TransformerLM``, ``SequenceModel``) — fixed rather than learned so
-that evaluation past the training length is defined (the paper's learned-or-not choice is not stated).
+added to the token embedding by the model (``TransformerLM``, ``SequenceModel``) — fixed rather than
+learned so that evaluation past the training length is defined (the paper's learned-or-not choice is
+not stated).
 
 Caching (decoding and chunked evaluation) follows ssmkit's one state protocol: ``state =
 attn.new_state(b)`` is a :class:`KVCache` — preallocated key/value buffers (rotary already applied) and

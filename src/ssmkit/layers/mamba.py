@@ -294,7 +294,8 @@ class Mamba(nn.Module):
         ):
             raise ValueError(
                 f"hidden_states has dtype {hidden_states.dtype} but the layer's weights are "
-                f"{self.in_proj.weight.dtype}; convert one to the other (e.g. layer.to({hidden_states.dtype}))"
+                f"{self.in_proj.weight.dtype}; convert one to the other "
+                f"(e.g. layer.to({hidden_states.dtype}))"
             )
         if state is not None:
             self._check_state(state, hidden_states.shape[0])

@@ -93,7 +93,7 @@ class TransformerConfig:
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "TransformerConfig") -> TransformerConfig:
-        """Strict: unknown keys or wrong types are one ValueError naming ``where`` (``model_type`` ignored)."""
+        """Strict: unknown keys or wrong types are one ValueError naming ``where`` (model_type ignored)."""
         return config_from_dict(cls, data, where, ignore=("model_type",))
 
 
@@ -130,7 +130,7 @@ class TransformerLM(GenerationMixin, nn.Module):
 
     # ------------------------------------------------------------------ inference
     def new_cache(self, batch_size: int, capacity: int = 0) -> Cache:
-        """An empty cache for ``batch_size`` sequences: one KV cache per layer, ``capacity`` tokens reserved."""
+        """An empty cache for ``batch_size`` sequences: a KV cache per layer, ``capacity`` tokens reserved."""
         return Cache([layer.new_state(batch_size, capacity) for layer in self.layers], batch_size)
 
     def forward(self, input_ids: Tensor, cache: Cache | None = None, num_last_tokens: int = 0) -> Tensor:
@@ -138,7 +138,8 @@ class TransformerLM(GenerationMixin, nn.Module):
 
         Args:
             input_ids: (b, l) int64/int32 ids in [0, vocab_size) (range checked by ``generate`` / the CLI).
-            cache: optional :class:`~ssmkit.models.cache.Cache` from :meth:`new_cache`; extended by these tokens.
+            cache: optional :class:`~ssmkit.models.cache.Cache` from :meth:`new_cache`, extended by
+                these tokens.
             num_last_tokens: if > 0, return logits for the last this many positions only.
         Returns:
             logits (b, l, V_pad) float32 (float64 for a float64 model).
