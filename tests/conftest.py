@@ -3,6 +3,10 @@
 Puts this folder on ``sys.path`` so test modules can import shared helpers that live beside them
 (e.g. ``from scan_cases import ScanCase`` — the selective-scan test inputs and comparisons), whatever
 pytest's import mode.
+
+Builds (or loads) ssmkit's C++ kernels once, before the first test, so that no single test pays the
+one-time compile (a minute or two on a fresh cache) and timing-sensitive tests are not charged for it.
+Without a compiler (or with ``SSMKIT_NO_CPU_EXT=1``) nothing is built and the pure-PyTorch paths run.
 """
 
 import os
@@ -11,3 +15,10 @@ import sys
 _TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 if _TESTS_DIR not in sys.path:
     sys.path.insert(0, _TESTS_DIR)
+
+
+def pytest_sessionstart(session) -> None:
+    from ssmkit import kernels
+
+    for ext in kernels.EXTENSIONS:
+        kernels.load(ext)  # never raises; a failure is the reason the fallback warning will give

@@ -20,8 +20,8 @@ channels, width 4, l = 2048, the input a transposed view of in_proj's output) to
 our whole-model profile (benchmarks/bench_model.py), more than all the layer's matmuls together.
 
 Two implementations, one contract:
-  * float32 on the CPU: a C++ kernel (``csrc/causal_conv1d_cpu.cpp``, built at first use with
-    ``torch.utils.cpp_extension`` and cached like the fused scan; ``SSMKIT_NO_CPU_EXT=1`` disables it).
+  * float32 on the CPU: a C++ kernel (``csrc/causal_conv1d_cpu.cpp``, built at first use by
+    ``ssmkit.kernels``, cached and locked like the fused scan; ``SSMKIT_NO_CPU_EXT=1`` disables it).
     One pass per row forward; the backward recomputes a from x, so only the inputs are saved.
   * any other dtype/device, or when the kernel cannot be built (one warning): a ``torch.autograd.Function``
     in pure PyTorch — K contiguous elementwise passes over (b, d, l), the pre-activation saved.
@@ -33,20 +33,13 @@ history the last K − 1 inputs before x (b, d, K − 1); a the pre-activation.
 
 from __future__ import annotations
 
-import hashlib
-import os
-import warnings
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-_SOURCE = Path(__file__).parent / "csrc" / "causal_conv1d_cpu.cpp"
-_CFLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-std=c++17")
+from ssmkit import kernels
+
 _ext = None  # the loaded C++ module
-_reason: str | None = None  # why it could not be loaded
-_tried = False
 
 
 def causal_conv1d_silu_reference(
@@ -62,58 +55,21 @@ def causal_conv1d_silu_reference(
 
 
 def unavailable_reason() -> str | None:
-    """Build (first call; cached under ~/.cache/ssmkit/torch_extensions) or load the C++ kernel; None when
+    """Load (or, the first time on this machine, build) the C++ kernel through ``ssmkit.kernels``; None when
     usable, else a one-line reason. ``SSMKIT_NO_CPU_EXT=1`` simulates a machine without a compiler."""
-    global _ext, _reason, _tried
-    if os.environ.get("SSMKIT_NO_CPU_EXT", "") not in ("", "0"):
-        return "disabled by SSMKIT_NO_CPU_EXT"
-    if _tried:
-        return _reason
-    _tried = True
-    try:
-        from torch.utils import cpp_extension
-
-        h = hashlib.sha256(_SOURCE.read_bytes())
-        h.update(" ".join(_CFLAGS).encode() + torch.__version__.encode())
-        try:
-            h.update(Path("/proc/cpuinfo").read_bytes()[:4096])  # -march=native code is per CPU
-        except OSError:
-            pass
-        key = h.hexdigest()[:16]
-        base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-        build_dir = Path(base) / "ssmkit" / "torch_extensions" / f"conv_{key}"
-        build_dir.mkdir(parents=True, exist_ok=True)
-        _ext = cpp_extension.load(
-            name=f"ssmkit_conv_cpu_{key}",
-            sources=[str(_SOURCE)],
-            extra_cflags=list(_CFLAGS),
-            extra_ldflags=["-fopenmp"],
-            build_directory=str(build_dir),
-            verbose=False,
-        )
-    except Exception as e:  # noqa: BLE001 - any build/load failure becomes the reason string
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        _reason = f"cannot build the C++ conv kernel: {type(e).__name__}: {first}"[:300]
-    return _reason
-
-
-_warned = False
+    global _ext
+    _ext = kernels.load(kernels.CONV)  # the module, cached by the loader (a dict lookup)
+    return None if _ext is not None else kernels.reason(kernels.CONV)
 
 
 def _use_cpp(x: Tensor) -> bool:
     """float32 CPU tensors go to the C++ kernel when it builds (else one warning, then pure PyTorch)."""
-    global _warned
     if x.device.type != "cpu" or x.dtype != torch.float32:
         return False
-    reason = unavailable_reason()
-    if reason is not None and not _warned:
-        _warned = True
-        warnings.warn(
-            f"ssmkit causal_conv1d_silu: the C++ kernel is unavailable ({reason}); using pure PyTorch.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-    return reason is None
+    if unavailable_reason() is None:
+        return True
+    kernels.warn_fallback(kernels.CONV, "the pure-PyTorch causal conv1d", stacklevel=4)
+    return False
 
 
 class _CausalConv1dSiLUCPU(torch.autograd.Function):

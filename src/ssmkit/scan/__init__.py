@@ -18,6 +18,13 @@ Recurrence (ZOH for A, Euler for B — Mamba's simplification, said out loud):
 Extensions beyond mamba-ssm: ``initial_state`` (b, d, n) to start from, and a ``last_state`` that
 carries gradient (so chunked training and state passing are differentiable).
 
+Part of the contract, the same on every backend (``tests/test_scan_nonfinite.py``):
+    NaN and ±inf propagate exactly as in the reference loop, forward and backward: a NaN in any input
+    gives NaN where the reference gives NaN (a diverging model never looks healthy), ±inf gives ±inf or
+    NaN where the reference does.
+    Empty sizes are not errors: b, d or n = 0, or l = 0, give the reference's result — out (b, d, l) (all
+    zeros before the D and gate terms when n = 0) and last_state (b, d, n) (``initial_state`` when l = 0).
+
 Backends (all take and return the same thing; ``reference`` is the slow twin the others are tested against):
     reference   ``scan/reference.py``: the sequential loop, exact, float32/float64.
     chunked     ``scan/chunked.py``: pure PyTorch blocked scan, any device, autograd.
@@ -240,6 +247,8 @@ def selective_scan(
     )
     compatible = _mamba_ssm_compatible(u, A, D, delta_bias, initial_state, last_state_grad)
     name = resolve_backend(backend, u, compatible)
+    if u.numel() == 0 or A.numel() == 0:  # b, d, l or n = 0: every backend gives the reference's answer
+        name = "reference"
     if name == "mamba_ssm":
         return _mamba_ssm_scan()(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     if name == "reference":

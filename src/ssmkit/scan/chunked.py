@@ -29,7 +29,7 @@ exp2 is several times faster than its exp. Under autograd each block is checkpoi
 backward pass), so the memory kept for the backward is O(b·d·l), not (b, d, l, n); inside a block, pass 3
 reuses pass 1's Ā_t and B̄_t u_t when autograd keeps them anyway, else recomputes them.
 
-Why not the segment-sum (SSD) matmul form of Mamba-2 (``reference/mamba.md`` §1.9)? There A is a scalar per
+Why not the segment-sum (SSD) matmul form of Mamba-2 (Dao & Gu 2024, §6)? There A is a scalar per
 head, so the intra-chunk decay exp(segsum(ΔA)) is a (c, c) matrix shared by all state entries. Here A is
 (d, n): the decay differs for every state entry n, so that form would need a (c, c, n) tensor per channel,
 i.e. c times more exponentials than the recurrence itself. The blocked recurrence does exactly the
@@ -48,6 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
+
+from ssmkit.scan.reference import selective_scan_reference
 
 CHUNK_SIZE = 32
 """Default chunk length c: the number of sequential Python steps per pass and block."""
@@ -144,6 +146,8 @@ def selective_scan_chunked(
         raise ValueError(
             f"chunk_size and chunks_per_block must be >= 1, got {chunk_size} and {chunks_per_block}"
         )
+    if u.numel() == 0 or A.numel() == 0:  # b, d, l or n = 0: the reference's (empty or state-only) answer
+        return selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
     acc = torch.float64 if u.dtype == torch.float64 else torch.float32
     b, d, l = u.shape
     n = A.shape[1]

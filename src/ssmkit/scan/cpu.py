@@ -1,10 +1,10 @@
 """The ``cpu`` selective-scan backend: a fused C++ kernel, vectorised across channels, with a backward.
 
 Reference: Gu & Dao (2023) §3.3 (the hardware-aware scan: the state lives only in registers, the
-backward recomputes); mamba-ssm's CUDA kernel (``reference/mamba.md`` §1.4) for the chunk-boundary
-checkpoints. The kernel is ``csrc/selective_scan_cpu.cpp`` (+ ``csrc/vec_math.h``), compiled at first
-use with ``torch.utils.cpp_extension`` into ``~/.cache/ssmkit/torch_extensions/<key>`` and cached
-(the key hashes the sources, the flags, the torch version and the CPU). Walkthrough:
+backward recomputes); mamba-ssm's CUDA kernel (``csrc/selective_scan``) for the chunk-boundary
+checkpoints. The kernel is ``csrc/selective_scan_cpu.cpp`` (+ ``csrc/vec_math.h``), built at first
+use by ``ssmkit.kernels`` (content-keyed cache, lock-free loads, a build lock that cannot go stale; ``ssmkit
+kernels build`` builds ahead of time). Walkthrough:
 ``docs/fused-scan.md``. The slow twin is ``ssmkit.scan.reference.selective_scan_reference``.
 
 Glossary (code -> paper): see ``ssmkit.scan``; in addition
@@ -22,86 +22,35 @@ and read every gradient off G_t, h_t, h_{t-1} (see docs/fused-scan.md).
 Dtypes: float32, bfloat16 and float16 inputs (state and accumulation in float32; out in u's dtype; last_state
 float32). float64 is refused with a ValueError (the kernel is single precision; use the ``reference``
 or ``chunked`` backend for float64, e.g. for gradcheck).
+
+Non-finite values and empty sizes follow the reference: NaN and ±inf propagate through the forward and the
+backward as in ``selective_scan_reference`` (the kernel's exp gives exp(−inf) = 0, exp(+inf) = +inf and keeps
+NaN; the D term is added only when D is given). A call with b, d, n or l = 0 is answered by the reference
+(an empty or state-only result, no kernel launch).
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-import platform
-from pathlib import Path
-
 import torch
 from torch import Tensor
 
-_CSRC = Path(__file__).parent / "csrc"
-_SOURCES = ("selective_scan_cpu.cpp",)
-_HEADERS = ("vec_math.h",)
-_CFLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-std=c++17")
-_LDFLAGS = ("-fopenmp",)
+from ssmkit import kernels
+from ssmkit.scan.reference import selective_scan_reference
+
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 _ext = None  # the loaded module
-_reason: str | None = None  # why it could not be loaded (cached)
-_tried = False
-
-
-def _cpu_id() -> str:
-    """The CPU model and flags (``-march=native`` code is only valid on the CPU that built it)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags"))]
-        return "\n".join(lines[:2])
-    except OSError:
-        return platform.processor() or platform.machine()
-
-
-def _build_key() -> str:
-    h = hashlib.sha256()
-    for name in _SOURCES + _HEADERS:
-        h.update((_CSRC / name).read_bytes())
-    h.update(" ".join(_CFLAGS + _LDFLAGS).encode())
-    h.update(torch.__version__.encode())
-    h.update(_cpu_id().encode())
-    return h.hexdigest()[:16]
-
-
-def _cache_root() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "ssmkit" / "torch_extensions"
 
 
 def unavailable_reason() -> str | None:
-    """Build (first call) or load the extension; None when it is usable, else a one-line reason.
+    """Load (or, the first time on this machine, build) the extension; None when usable, else why not.
 
-    Never raises. ``SSMKIT_NO_CPU_EXT=1`` simulates a machine where the extension cannot be built.
+    Never raises. The build, its cache and its lock are ``ssmkit.kernels``' (``SSMKIT_NO_CPU_EXT=1``
+    simulates a machine where the extension cannot be built).
     """
-    global _ext, _reason, _tried
-    if os.environ.get("SSMKIT_NO_CPU_EXT", "") not in ("", "0"):
-        return "the fused CPU scan is disabled by SSMKIT_NO_CPU_EXT"
-    if _tried:
-        return _reason
-    _tried = True
-    try:
-        from torch.utils import cpp_extension
-
-        key = _build_key()
-        build_dir = _cache_root() / key
-        build_dir.mkdir(parents=True, exist_ok=True)
-        _ext = cpp_extension.load(
-            name=f"ssmkit_scan_cpu_{key}",
-            sources=[str(_CSRC / s) for s in _SOURCES],
-            extra_cflags=list(_CFLAGS),
-            extra_ldflags=list(_LDFLAGS),
-            extra_include_paths=[str(_CSRC)],
-            build_directory=str(build_dir),
-            verbose=False,
-        )
-        _reason = None
-    except Exception as e:  # noqa: BLE001 - any build/load failure becomes the reason string
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        _reason = f"cannot build the fused CPU scan extension: {type(e).__name__}: {first}"[:300]
-    return _reason
+    global _ext
+    _ext = kernels.load(kernels.SCAN)  # the module, cached by the loader (a dict lookup)
+    return None if _ext is not None else kernels.reason(kernels.SCAN)
 
 
 def extension():
@@ -218,6 +167,8 @@ def selective_scan_cpu(u, delta, A, B, C, D, z, delta_bias, delta_softplus, init
                 f"backend 'cpu' computes in float32 and accepts float32, bfloat16 or float16; got {name} "
                 f"of dtype {t.dtype} (use backend='reference' or 'chunked' for float64)"
             )
+    if u.numel() == 0 or A.numel() == 0:  # b, d, l or n = 0: the reference's answer, no kernel launch
+        return selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
     if A.shape[1] > 256:
         raise ValueError(f"backend 'cpu' supports d_state n <= 256, got A of shape {tuple(A.shape)}")
     extension()  # builds on first use; RuntimeError with the reason if it cannot

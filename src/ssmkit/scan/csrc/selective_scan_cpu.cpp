@@ -223,11 +223,13 @@ static void fwd_block(const Problem& p, int64_t bi, const Block& k, float* out, 
       const vf dtu = dt[t] * uu[t];
       const float* Bt = BTI ? nullptr : Bg + (t0 + t) * n;
       const float* Ct = CTI ? nullptr : Cg + (t0 + t) * n;
-      yy[t] = scan_step<NN, BTI, CTI>(n, dt[t], dtu, Av, Bv, Cv, Bt, Ct, h, nullptr, nullptr) + Dv * uu[t];
+      yy[t] = scan_step<NN, BTI, CTI>(n, dt[t], dtu, Av, Bv, Cv, Bt, Ct, h, nullptr, nullptr);
     }
+    if (p.D)  // only when given: 0 · u would turn an infinite u into NaN where the reference has no term
+      for (int64_t t = 0; t < T; ++t) yy[t] += Dv * uu[t];
     if (p.z) {
       load_tile(p.z + off, p.l, k, t0, T, zz);
-      for (int64_t t = 0; t < T; ++t) yy[t] = yy[t] * zz[t] * vsigmoid(zz[t]);  // y · SiLU(z)
+      for (int64_t t = 0; t < T; ++t) yy[t] = yy[t] * (zz[t] * vsigmoid(zz[t]));  // y · SiLU(z)
     }
     store_tile(out + off, p.l, k, t0, T, yy);
   }
@@ -302,15 +304,15 @@ static void bwd_item(const Problem& p, const float* saved, const float* dout, co
         const float* Bt = BTI ? nullptr : Bg + (t0 + t) * n;
         const float* Ct = CTI ? nullptr : Cg + (t0 + t) * n;
         yy[t] = scan_step<NN, BTI, CTI>(n, dt[t], dt[t] * uu[t], Av, Bv, Cv, Bt, Ct, h, &abuf[t * n],
-                                        &hbuf[t * n]) +
-                Dv * uu[t];
+                                        &hbuf[t * n]);
+        if (p.D) yy[t] += Dv * uu[t];
       }
       // 2. the gate: out = y · z σ(z);  dy = dout · SiLU(z),  dz = dout · y · σ(z)(1 + z(1 − σ(z)))
       if (p.z) {
         load_tile(p.z + off, p.l, k, t0, T, zz);
         for (int64_t t = 0; t < T; ++t) {
           const vf sz = vsigmoid(zz[t]);
-          dy[t] = go[t] * zz[t] * sz;
+          dy[t] = go[t] * (zz[t] * sz);
           yy[t] = go[t] * yy[t] * sz * (1.0f + zz[t] * (1.0f - sz));  // yy now holds dz
         }
       } else {
@@ -345,7 +347,7 @@ static void bwd_item(const Problem& p, const float* saved, const float* dout, co
           gj[jn] = ac[jn] * G;
         }
         const vf ddt = dts + ddtu * uv;  // dL/dΔ_t
-        du[t] = ddtu * dtv + dyv * Dv;
+        du[t] = p.D ? ddtu * dtv + dyv * Dv : ddtu * dtv;  // no D term without D (as the reference)
         dD += dyv * uv;
         dd[t] = ddt * sig[t];  // through softplus (sig = 1 without it)
         db += dd[t];
@@ -482,6 +484,8 @@ static Problem make_problem(const at::Tensor& u, const at::Tensor& delta, const 
   p.l = u.size(2);
   p.n = A.size(1);
   TORCH_CHECK(p.n >= 1 && p.n <= kMaxN, "d_state must be in [1, ", kMaxN, "], got ", p.n);
+  // empty problems never reach the kernel (ssmkit.scan.cpu answers them); d = 0 would divide by zero
+  TORCH_CHECK(p.b >= 1 && p.d >= 1 && p.l >= 1, "b, d and l must be >= 1, got ", p.b, ", ", p.d, ", ", p.l);
   p.u = u.data_ptr<float>();
   p.delta = delta.data_ptr<float>();
   p.A = A.data_ptr<float>();

@@ -6,9 +6,13 @@
 // is guaranteed to be SIMD (no reliance on the auto-vectoriser or on libmvec).
 //
 // exp, log, softplus and sigmoid are written here as short polynomials (no table, no libm call):
-//   exp(x)  = 2^k · p(r),  k = round(x / ln 2),  r = x − k ln 2 (Cody–Waite split), p = Taylor degree 6
-//             (|r| ≤ ln2/2 → truncation ≤ 1.2e-7 relative, about one float32 ulp); x is clamped to
-//             [−87.34, 88.38], so exp underflows to ~1e-38 instead of 0 (absolute error below 1.2e-38).
+//   exp(x)  = 2^(k−1) · 2p(r),  k = round(x / ln 2),  r = x − k ln 2 (Cody–Waite split), p = Taylor
+//             degree 6 (|r| ≤ ln2/2 → truncation ≤ 1.2e-7 relative, about one float32 ulp). x is clamped to
+//             [−87.5, 89]; at the ends 2^(k−1) is 0 (k = −126) or 2^127 (k = 128, and 2p(r)·2^127
+//             overflows to +inf exactly where e^x exceeds FLT_MAX). So exp(−inf) = 0, exp(+inf) = +inf,
+//             exp(NaN) = NaN (the clamp keeps NaN), as libm's; below x ≈ −87 it gives 0 where libm gives a
+//             denormal (absolute error below 1.2e-38). Inside the normal range the value is that of
+//             2^k · p(r) bit for bit (doubling every coefficient is exact).
 //   log(x)  = e ln 2 + log1p(f),  x = 2^e (1 + f),  1 + f ∈ [√½, √2), log1p(f) = f − f²/2 + f³ P(f)
 //             with the classical single-precision minimax P (Cephes' logf coefficients).
 //   softplus(x) = max(x, 0) + log1p(exp(−|x|)), log1p(y) = log(1 + y) · y / ((1 + y) − 1) (Goldberg's
@@ -33,22 +37,23 @@ static inline vf vmax(vf a, vf b) { return a > b ? a : b; }  // maps to one max 
 static inline vf vmin(vf a, vf b) { return a < b ? a : b; }
 
 static inline vf vexp(vf x) {
-  const vf lo = splat(-87.33654f);  // exp(lo) = 2^-126, the smallest normal float
-  const vf hi = splat(88.37626f);   // exp(hi) < FLT_MAX
-  x = vmin(vmax(x, lo), hi);  // below lo the result is 2^-126·p ≈ 1e-38 instead of 0: harmless here
+  const vf lo = splat(-87.5f);  // round(lo / ln 2) = −126: 2^(k−1) has a zero exponent field -> 0
+  const vf hi = splat(89.0f);   // round(hi / ln 2) = 128: 2^127, and 2p(r)·2^127 = +inf beyond FLT_MAX
+  x = x < lo ? lo : x;  // written so that a NaN x stays NaN (one max/min instruction each)
+  x = x > hi ? hi : x;
   const float magic = 12582912.0f;  // 1.5 · 2^23: adding it rounds to the nearest integer
   const vf km = x * 1.44269504088896341f + magic;  // bits: those of magic with k in the low mantissa
   const vf k = km - magic;
   vf r = x - k * 0.693145751953125f;  // ln 2 = hi + lo, hi exact in 12 bits so k·hi is exact
   r = r - k * 1.428606765330187045e-06f;
-  vf p = splat(1.0f / 720.0f);
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
+  vf p = splat(2.0f / 720.0f);  // 2·p(r): every Taylor coefficient doubled (exact in binary)
+  p = p * r + 2.0f / 120.0f;
+  p = p * r + 2.0f / 24.0f;
+  p = p * r + 2.0f / 6.0f;
   p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const vf scale = (vf)(((vi)km + 127) << 23);  // 2^k: (magic's bits + k + 127) << 23 drops magic
+  p = p * r + 2.0f;
+  p = p * r + 2.0f;
+  const vf scale = (vf)(((vi)km + 126) << 23);  // 2^(k−1): (magic's bits + k + 126) << 23 drops magic
   return p * scale;
 }
 
