@@ -6,7 +6,7 @@ import sys
 from importlib import import_module
 
 # Subcommand modules, in the order `ssmkit --help` lists them.
-COMMANDS = ["demo", "train", "eval", "generate", "bench", "convert"]
+COMMANDS = ["demo", "train", "eval", "generate", "bench", "convert", "kernels"]
 
 
 def build_parser() -> argparse.ArgumentParser:
