@@ -172,7 +172,9 @@ def worker(impl: str, mode: str, length: int, repeats: int, threads: int, quick:
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-    n_params = sum(p.numel() for p in model.parameters())
+    from ssmkit.utils import count_parameters
+
+    n_params = count_parameters(model)
     _emit({"event": "built", "rss": _rss_status()["VmRSS"], "params": n_params})
     t0 = time.perf_counter()
     run()
@@ -311,10 +313,9 @@ def run_all(args) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------- reporting
 def write_json(path: str, obj: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    from ssmkit.utils import atomic_write_text
+
+    atomic_write_text(path, json.dumps(obj, indent=1))
 
 
 def median(res: dict) -> float | None:

@@ -179,3 +179,12 @@ def test_rms_norm_matches_formula():
     assert RMSNorm(10)(xb).dtype == torch.float32  # float32 weight promotes, like transformers' MambaRMSNorm
     with pytest.raises(ValueError, match="last dimension"):
         norm(torch.randn(2, 9, dtype=torch.float64))
+
+
+def test_mixer_input_dtype_and_state_type_are_one_line_errors():
+    m = Mamba(d_model=8)
+    with pytest.raises(ValueError, match=r"dtype torch.float64 but the layer's weights are torch.float32"):
+        m(torch.randn(1, 3, 8, dtype=torch.float64))
+    st = m.new_state(1)
+    with pytest.raises(ValueError, match="state must be a MambaState"):
+        m(torch.randn(1, 3, 8), state=(st.conv_state, st.ssm_state))
