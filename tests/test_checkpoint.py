@@ -135,17 +135,20 @@ def test_pickle_is_read_with_weights_only(tmp_path):
     make().save_pretrained(tmp_path, format="mamba-ssm")
     with open(tmp_path / "pytorch_model.bin", "wb") as f:
         pickle.dump({"backbone.embedding.weight": Evil()}, f, protocol=2)
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(ValueError, match="pytorch_model.bin is not a plain tensor state dict") as err:
         MambaLM.from_pretrained(tmp_path)
     assert not marker.exists()
+    # torch's own message advises weights_only=False, which would run the file's code: never shown
+    assert "weights_only" not in str(err.value) and err.value.__suppress_context__
 
 
-def test_unknown_config_fields_warn(tmp_path):
+def test_unknown_config_fields_are_errors_naming_file_and_key(tmp_path):
+    """A key ssmkit neither maps nor deliberately ignores may change what the weights mean: refused."""
     make().save_pretrained(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     cfg["mystery_knob"] = 1
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.warns(UserWarning, match="mystery_knob"):
+    with pytest.raises(ValueError, match=r"config.json: unknown keys \['mystery_knob'\]"):
         MambaLM.from_pretrained(tmp_path)
 
     ssm = tmp_path / "ssm"
@@ -153,8 +156,26 @@ def test_unknown_config_fields_warn(tmp_path):
     cfg = json.loads((ssm / "config.json").read_text())
     cfg["ssm_cfg"]["odd_option"] = True
     (ssm / "config.json").write_text(json.dumps(cfg))
-    with pytest.warns(UserWarning, match="odd_option"):
+    with pytest.raises(ValueError, match=r"ssm/config.json: unknown ssm_cfg keys \['odd_option'\]"):
         MambaLM.from_pretrained(ssm)
+    cfg["ssm_cfg"].pop("odd_option")
+    cfg["odd_top_level"] = 0
+    (ssm / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"unknown keys \['odd_top_level'\]"):
+        MambaLM.from_pretrained(ssm)
+
+
+def test_generic_transformers_keys_are_accepted_and_ignored(tmp_path):
+    """Keys every transformers PretrainedConfig may write (4.x generation defaults included) load."""
+    model = make()
+    model.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg.update(
+        id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0}, max_length=20, num_beams=1, top_k=50,
+        torch_dtype="float32", _name_or_path="x", use_mambapy=False, chunk_size_feed_forward=0,
+    )  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert_same_weights(model, MambaLM.from_pretrained(tmp_path))
 
 
 @pytest.mark.parametrize(
@@ -163,7 +184,7 @@ def test_unknown_config_fields_warn(tmp_path):
         ({"d_intermediate": 64}, "d_intermediate"),
         ({"attn_layer_idx": [1]}, "attn_layer_idx"),
         ({"rms_norm": False}, "rms_norm"),
-        ({"ssm_cfg": {"layer": "Mamba2"}}, "Mamba2"),
+        ({"ssm_cfg": {"layer": "Mamba2"}}, "model type 'mamba2' is not a Mamba-1 model"),
     ],
 )
 def test_unsupported_mamba_ssm_configs(tmp_path, change, match):
@@ -219,7 +240,8 @@ def test_missing_files(tmp_path):
 
 
 def test_released_style_configs_load_without_warnings(tmp_path):
-    """Config layouts of the released checkpoints (reference/mamba.md §1.5, §2.1) map without warnings."""
+    """Config layouts of the released checkpoints (state-spaces/mamba-*-hf and state-spaces/mamba-*) map
+    without warnings."""
     model = make(vocab_size=64)
     hf_dir, ssm_dir = tmp_path / "hf", tmp_path / "ssm"
     model.save_pretrained(hf_dir)

@@ -3,13 +3,10 @@
 import time
 from pathlib import Path
 
+from ssmkit.cli._args import check_device, int_at_least, int_list
+from ssmkit.utils import parse_list
 
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError as err:
-        raise SystemExit(f"--contexts must be comma-separated integers, got {text!r}") from err
-    return values
+MODELS = ("mamba", "transformer")
 
 
 def add_parser(sub) -> None:
@@ -30,24 +27,34 @@ def add_parser(sub) -> None:
     )
     d.add_argument(
         "--contexts",
-        type=_int_list,
+        type=int_list("--contexts", minimum=1),
         default=[1024, 4096, 16384, 65536],
         help="comma-separated context lengths (default: 1024,4096,16384,65536)",
     )
-    d.add_argument("--d-model", type=int, default=256, help="width D of both models (default: 256)")
-    d.add_argument("--n-layer", type=int, default=4, help="depth of both models (default: 4)")
-    d.add_argument("--n-head", type=int, default=4, help="Transformer attention heads (default: 4)")
-    d.add_argument("--d-state", type=int, default=16, help="Mamba state size N (default: 16)")
-    d.add_argument("--vocab-size", type=int, default=256, help="vocabulary size (default: 256)")
-    d.add_argument("--decode-steps", type=int, default=64, help="timed decode steps (default: 64)")
-    d.add_argument("--prefill-chunk", type=int, default=1024, help="tokens per prefill call (default: 1024)")
+    d.add_argument(
+        "--d-model", type=int_at_least(1), default=256, help="width D of both models (default: 256)"
+    )
+    d.add_argument("--n-layer", type=int_at_least(1), default=4, help="depth of both models (default: 4)")
+    d.add_argument(
+        "--n-head", type=int_at_least(1), default=4, help="Transformer attention heads (default: 4)"
+    )
+    d.add_argument("--d-state", type=int_at_least(1), default=16, help="Mamba state size N (default: 16)")
+    d.add_argument("--vocab-size", type=int_at_least(1), default=256, help="vocabulary size (default: 256)")
+    d.add_argument(
+        "--decode-steps", type=int_at_least(1), default=64, help="timed decode steps (default: 64)"
+    )
+    d.add_argument(
+        "--chunk-size", type=int_at_least(1), default=1024, help="tokens per prefill call (default: 1024)"
+    )
     d.add_argument(
         "--models",
         default="mamba,transformer",
         help="comma-separated subset of mamba,transformer (default: both)",
     )
     d.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    d.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    d.add_argument(
+        "--threads", type=int_at_least(1), default=None, help="torch.set_num_threads (default: torch's)"
+    )
     d.add_argument("--seed", type=int, default=0, help="seed of weights and context tokens (default: 0)")
     d.add_argument(
         "--out", type=Path, default=None, help="output folder (default: ./ssmkit-out/bench-decode-<time>)"
@@ -61,6 +68,11 @@ def _run_decode(args) -> int:
 
     from ssmkit.bench.decode import DecodeBenchConfig, run_decode_bench
 
+    check_device("--device", args.device)
+    models = parse_list(args.models, str, "--models")
+    unknown = sorted(set(models) - set(MODELS))
+    if unknown:
+        raise ValueError(f"--models: unknown models {unknown}; expected a subset of {','.join(MODELS)}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     cfg = DecodeBenchConfig(
@@ -71,8 +83,8 @@ def _run_decode(args) -> int:
         d_state=args.d_state,
         vocab_size=args.vocab_size,
         decode_steps=args.decode_steps,
-        prefill_chunk=args.prefill_chunk,
-        models=[m.strip() for m in args.models.split(",") if m.strip()],
+        prefill_chunk=args.chunk_size,
+        models=models,
         device=args.device,
         seed=args.seed,
     )

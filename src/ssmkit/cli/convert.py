@@ -1,7 +1,10 @@
-"""`ssmkit convert SRC DST [--to hf|mamba-ssm]`: convert a Mamba LM checkpoint folder between formats.
+"""`ssmkit convert SRC DST [--to hf|mamba-ssm] [--force]`: convert a Mamba LM folder between formats.
 
-Thin: calls ``ssmkit.models.checkpoint.convert_checkpoint`` (reads SRC in either format, checks every key
-and shape, writes DST atomically). No model is built and nothing is downloaded.
+Thin: checks SRC's model type (``ssmkit.models.load.model_type_of``), then calls
+``ssmkit.models.checkpoint.convert_checkpoint`` (reads SRC in either format, checks every key and shape,
+writes DST atomically, copies the tokenizer files). DST must be empty or new; ``--force`` writes into a
+non-empty DST and removes the weight files of the other format (and stale shards and indexes) there, so
+that DST can only load as the converted model. No model is built and nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -14,10 +17,10 @@ def add_parser(sub) -> None:
         "convert",
         help="convert a Mamba LM checkpoint between Hugging Face and mamba-ssm formats",
         description="Read SRC (Hugging Face or mamba-ssm folder, detected from config.json) and write DST "
-        "in the format given by --to.",
+        "in the format given by --to, with SRC's tokenizer files.",
     )
     p.add_argument("src", type=Path, metavar="SRC", help="source model folder")
-    p.add_argument("dst", type=Path, metavar="DST", help="destination folder (created if needed)")
+    p.add_argument("dst", type=Path, metavar="DST", help="destination folder (new or empty unless --force)")
     p.add_argument(
         "--to",
         choices=["hf", "mamba-ssm"],
@@ -25,13 +28,26 @@ def add_parser(sub) -> None:
         help="hf: config.json + model.safetensors (transformers MambaForCausalLM); "
         "mamba-ssm: config.json + pytorch_model.bin (MambaLMHeadModel). Default hf.",
     )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="write into a non-empty DST: replace its config.json and weights, and delete the other "
+        "format's weight files, shards and index there",
+    )
     p.set_defaults(func=_run)
 
 
 def _run(args) -> int:
-    from ssmkit.models.checkpoint import convert_checkpoint
+    from ssmkit.models.checkpoint import MODEL_TYPE, convert_checkpoint
+    from ssmkit.models.load import model_type_of
 
-    config = convert_checkpoint(args.src, args.dst, to=args.to)
+    found = model_type_of(args.src)
+    if found != MODEL_TYPE:
+        raise ValueError(
+            f"{args.src} holds a model of type {found!r}; `ssmkit convert` converts Mamba-1 checkpoints "
+            f"(model type {MODEL_TYPE!r}) between the Hugging Face and mamba-ssm formats"
+        )
+    config = convert_checkpoint(args.src, args.dst, to=args.to, force=args.force)
     print(
         f"Wrote {args.to} checkpoint (d_model={config.d_model}, n_layer={config.n_layer}, "
         f"vocab={config.padded_vocab_size}) to {args.dst.resolve()}"

@@ -1,8 +1,10 @@
-"""`ssmkit generate MODEL_DIR --prompt ...`: sample a continuation from a saved Mamba LM.
+"""`ssmkit generate MODEL_DIR --prompt ...`: sample a continuation from a saved language model.
 
-Thin: parses arguments, loads the model (``MambaLM.from_pretrained``) and tokenizer
-(``ssmkit.data.tokenizer.load_tokenizer``: tokenizer.json if present, else bytes), and calls
-``MambaLM.generate``. Prints the prompt followed by the continuation; ``--stream`` prints text as it comes.
+Thin: checks the sampling flags, loads the model (``ssmkit.models.load.load_model``: a Mamba folder in
+Hugging Face or mamba-ssm format, or a TransformerLM folder, told apart by config.json's model type) and
+the tokenizer (``ssmkit.data.tokenizer.load_tokenizer``: tokenizer.json if present, else bytes), and
+calls ``model.generate``. Prints the prompt followed by the continuation; ``--stream`` prints text as it
+comes.
 """
 
 from __future__ import annotations
@@ -14,11 +16,15 @@ from pathlib import Path
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "generate",
-        help="generate text from a saved Mamba LM (Hugging Face or mamba-ssm folder)",
-        description="Load MODEL_DIR (config.json + weights) and continue PROMPT. Uses the folder's "
-        "tokenizer.json when present, else a byte-level tokenizer (ids 0..255).",
+        help="generate text from a saved language model (Mamba in Hugging Face or mamba-ssm format, "
+        "or ssmkit's Transformer)",
+        description="Load MODEL_DIR (config.json + weights; for a run of `ssmkit train --task lm`, its "
+        "model/ folder) and continue PROMPT. Uses the folder's tokenizer.json when present, else a "
+        "byte-level tokenizer (ids 0..255).",
     )
-    p.add_argument("model_dir", type=Path, metavar="MODEL_DIR", help="local model folder")
+    p.add_argument(
+        "model_dir", type=Path, metavar="MODEL_DIR", help="local model folder (config.json + weights)"
+    )
     p.add_argument("--prompt", default=None, help="text to continue (required unless --interactive)")
     p.add_argument("--max-new-tokens", type=int, default=50, help="tokens to generate (default 50)")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
@@ -37,19 +43,32 @@ def add_parser(sub) -> None:
     p.set_defaults(func=_run)
 
 
+def check_sampling(args) -> None:
+    """ValueError naming the flag for a sampling value ``generate`` would refuse (checked before loading)."""
+    from ssmkit.cli._args import check_range
+
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.top_k < 0:
+        raise ValueError(f"--top-k must be >= 0, got {args.top_k}")
+    check_range("--temperature", args.temperature, 0.0)
+    check_range("--top-p", args.top_p, 0.0, 1.0, lo_open=True)
+    check_range("--min-p", args.min_p, 0.0, 1.0)
+    check_range("--repetition-penalty", args.repetition_penalty, 0.0, lo_open=True)
+
+
 def _run(args) -> int:
     from ssmkit.data.tokenizer import load_tokenizer
-    from ssmkit.models.mamba_lm import MambaLM
-    from ssmkit.models.transformer_lm import TransformerLM, is_transformer_folder
+    from ssmkit.models.load import load_model
 
     if args.prompt is None and not args.interactive:
-        raise SystemExit("error: give --prompt TEXT or --interactive")
-    model_cls = TransformerLM if is_transformer_folder(args.model_dir) else MambaLM
-    model = model_cls.from_pretrained(args.model_dir).eval()
+        raise ValueError("give --prompt TEXT or --interactive")
+    check_sampling(args)
+    model = load_model(args.model_dir).eval()
     tokenizer = load_tokenizer(args.model_dir)
     if tokenizer.vocab_size > model.config.padded_vocab_size:
-        raise SystemExit(
-            f"error: tokenizer has {tokenizer.vocab_size} tokens but the model only "
+        raise ValueError(
+            f"{args.model_dir}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
             f"{model.config.padded_vocab_size}"
         )
     if args.interactive:
@@ -78,7 +97,7 @@ def _generate_one(model, tokenizer, prompt: str, args) -> int:
     args.prompt = prompt
     prompt_ids = tokenizer.encode(args.prompt)
     if not prompt_ids:
-        raise SystemExit("error: --prompt encodes to no tokens")
+        raise ValueError("--prompt encodes to no tokens")
     input_ids = torch.tensor([prompt_ids], dtype=torch.long)
     generator = torch.Generator().manual_seed(args.seed)
 

@@ -1,21 +1,28 @@
 """Checkpoint I/O for :class:`ssmkit.MambaLM`: Hugging Face format and mamba-ssm format, local folders only.
 
-Two on-disk formats hold the same weights (reference/mamba.md §1.8, §2.1, §2.4):
+Two on-disk formats hold the same weights:
 
     Hugging Face (transformers ``MambaForCausalLM``)       mamba-ssm (``MambaLMHeadModel``)
-    config.json: hidden_size, num_hidden_layers,           config.json: d_model, n_layer, vocab_size
-      state_size, conv_kernel, expand, time_step_*, ...      (unpadded), ssm_cfg {d_state, ...}, ...
-      vocab_size (already padded)
+    config.json: model_type "mamba", hidden_size,          config.json: d_model, n_layer, vocab_size
+      num_hidden_layers, state_size, conv_kernel, ...        (unpadded), ssm_cfg {layer, d_state, ...}
+      vocab_size (already padded)                            (no model_type key)
     model.safetensors (or sharded, with an index)           pytorch_model.bin (pickle; read with
                                                               weights_only=True) or model.safetensors
     backbone.embeddings.weight                              backbone.embedding.weight
     lm_head.weight omitted when tied                        lm_head.weight always present
 
-Every other key is identical. In memory we use mamba-ssm's keys (``MambaLM.state_dict()``). Loading
-checks the whole state dict against the shapes the config implies *before* any model is built, and
-reports every missing, unexpected and mis-shaped key by name in one ValueError — nothing is half loaded.
-Config keys that neither format defines raise one warning naming them. Writes are atomic (temporary
-file in the same folder, then ``os.replace``). Nothing is fetched from the network.
+Every other key is identical. In memory we use mamba-ssm's keys (``MambaLM.state_dict()``).
+
+Reading is strict and says what is wrong in one line naming the file: config.json must be a UTF-8
+JSON object; its model type (``model_type``, or mamba-ssm's ``ssm_cfg.layer``) is checked first; every
+key must be one this module maps, checks, or deliberately ignores (the generic keys transformers'
+``PretrainedConfig`` writes, and run-time switches such as ``use_cache``) — anything else is an error,
+since a key we do not understand may change what the weights mean; values must have the field's JSON
+type. The whole state dict is checked against the shapes the config implies *before* any model is
+built, and every missing, unexpected and mis-shaped key is reported by name — nothing is half loaded.
+Shard files named by an index must lie inside the model folder. Pickles are read with
+``weights_only=True``: anything but tensors in plain containers is refused. Writes are atomic
+(``ssmkit.utils.atomic_save``). Nothing is fetched from the network.
 
 Field mapping (ours = mamba-ssm's names; HF name in brackets): d_model [hidden_size], n_layer
 [num_hidden_layers], d_state [state_size], d_conv [conv_kernel], expand [expand, intermediate_size =
@@ -28,25 +35,29 @@ format has vocab_size = the padded size.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-import os
-import tempfile
-import warnings
-from pathlib import Path
+import pickle
+import re
+import shutil
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from ssmkit.models.config import MambaConfig
+from ssmkit.utils import atomic_save, atomic_write_text, config_from_dict
 
 FORMATS = ("hf", "mamba-ssm")
+MODEL_TYPE = "mamba"  # the model type MambaLM reads (transformers' name for Mamba-1)
 
 # HF config keys we map to MambaConfig fields.
 _HF_MAPPED = {
     "hidden_size": "d_model",
     "num_hidden_layers": "n_layer",
+    "vocab_size": "vocab_size",
     "state_size": "d_state",
     "conv_kernel": "d_conv",
     "expand": "expand",
@@ -62,62 +73,184 @@ _HF_MAPPED = {
     "residual_in_fp32": "residual_in_fp32",
     "tie_word_embeddings": "tie_embeddings",
 }
-# HF config keys that are checked or irrelevant to the weights (no warning). Includes the legacy
-# mamba-ssm keys that the released ``*-hf`` checkpoints carry.
-_HF_KNOWN = {
-    "vocab_size", "intermediate_size", "hidden_act", "pad_vocab_size_multiple",
-    "architectures", "model_type", "transformers_version", "dtype", "torch_dtype", "_name_or_path",
-    "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range", "rescale_prenorm_residual",
-    "use_cache", "use_mambapy", "use_associative_scan", "return_dict", "output_hidden_states",
-    "output_attentions", "d_model", "d_inner", "n_layer", "rms_norm", "fused_add_norm", "ssm_cfg",
+# HF keys read and checked here: model_type, hidden_act (must be silu), intermediate_size (must be
+# expand·hidden_size), pad_vocab_size_multiple (kept when it divides the padded vocabulary).
+_HF_CHECKED = {"model_type", "hidden_act", "intermediate_size", "pad_vocab_size_multiple"}
+# HF keys accepted and ignored, deliberately: they do not change what the weights compute. transformers'
+# MambaConfig switches (cache, initialisation, which scan implementation), the generic keys every
+# ``PretrainedConfig`` may write (bookkeeping, token ids, task heads, and the generation defaults
+# transformers 4.x saved into config.json), and the legacy mamba-ssm keys the released ``*-hf``
+# checkpoints carry beside the HF ones.
+_HF_IGNORED = {
+    # transformers MambaConfig: run-time and init switches
+    "use_cache", "use_mambapy", "use_associative_scan", "initializer_range", "rescale_prenorm_residual",
+    # PretrainedConfig: bookkeeping and outputs
+    "architectures", "transformers_version", "_name_or_path", "_commit_hash", "dtype", "torch_dtype",
+    "use_bfloat16", "return_dict", "output_hidden_states", "output_attentions", "torchscript",
+    "tf_legacy_loss", "pruned_heads", "chunk_size_feed_forward", "is_encoder_decoder", "is_decoder",
+    "add_cross_attention", "cross_attention_hidden_size", "tie_encoder_decoder", "id2label", "label2id",
+    "problem_type", "finetuning_task", "tokenizer_class", "prefix", "task_specific_params",
+    "_attn_implementation_autoset",
+    # PretrainedConfig: token ids
+    "bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id",
+    # PretrainedConfig (transformers 4.x): generation defaults saved into config.json
+    "max_length", "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups",
+    "diversity_penalty", "temperature", "top_k", "top_p", "typical_p", "repetition_penalty",
+    "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids",
+    "num_return_sequences", "output_scores", "return_dict_in_generate", "forced_bos_token_id",
+    "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty",
+    "suppress_tokens", "begin_suppress_tokens",
+    # legacy mamba-ssm names in released *-hf configs (the HF names above are the ones read)
+    "d_model", "d_inner", "n_layer", "rms_norm", "fused_add_norm", "ssm_cfg",
+}  # fmt: skip
+# mamba-ssm's MambaConfig has exactly these fields; its Mamba mixer exactly these ssm_cfg keywords.
+_MAMBA_SSM_KEYS = {
+    "d_model", "d_intermediate", "n_layer", "vocab_size", "ssm_cfg", "attn_layer_idx", "attn_cfg",
+    "rms_norm", "residual_in_fp32", "fused_add_norm", "pad_vocab_size_multiple", "tie_embeddings",
 }  # fmt: skip
 _SSM_CFG_MAPPED = {
     "d_state", "d_conv", "expand", "dt_rank", "dt_min", "dt_max", "dt_init", "dt_scale", "dt_init_floor",
     "conv_bias", "bias",
 }  # fmt: skip
-_MAMBA_SSM_KNOWN = {
-    "d_model", "d_intermediate", "n_layer", "vocab_size", "ssm_cfg", "attn_layer_idx", "attn_cfg",
-    "rms_norm", "residual_in_fp32", "fused_add_norm", "pad_vocab_size_multiple", "tie_embeddings",
-}  # fmt: skip
+_SSM_CFG_IGNORED = {"layer", "use_fast_path"}  # layer is checked as the model type; the other is speed only
+# mamba-ssm ``ssm_cfg.layer`` -> the model type transformers uses for the same architecture
+_MAMBA_SSM_LAYERS = {"Mamba1": "mamba", "Mamba2": "mamba2"}
+
+# Weight files of either format (a --force conversion removes the ones of the format it does not write).
+_WEIGHT_FILES = {
+    "hf": ("model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors"),
+    "mamba-ssm": ("pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*-of-*.bin"),
+}
+# Tokenizer files a conversion carries over from the source folder.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
-def _warn_unknown(keys, where: str) -> None:
-    keys = sorted(keys)
-    if keys:
-        warnings.warn(f"{where}: ignoring unknown config fields {keys}", UserWarning, stacklevel=3)
+# ---------------------------------------------------------------------------- reading JSON
+def read_json(file: Path, what: str = "a JSON object") -> dict[str, Any]:
+    """The JSON object in ``file``; one ValueError naming the file when it is empty, not UTF-8, not
+    JSON, or not an object."""
+    data = file.read_bytes()
+    if not data.strip():
+        raise ValueError(f"{file} is empty; expected {what}")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{file} is not UTF-8 text (byte {err.start}); expected {what}") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"{file} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}); expected {what}"
+        ) from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{file} holds a JSON {type(obj).__name__}; expected {what}")
+    return obj
+
+
+def _not_a_model_folder(folder: Path) -> str:
+    """Why ``folder`` is not a model folder, and what to pass instead when we can tell."""
+    if not folder.exists():
+        return f"model folder {folder} does not exist"
+    if folder.is_file():
+        hint = (
+            "; a training checkpoint is read by `ssmkit eval`"
+            if folder.suffix == ".safetensors"
+            else f"; pass the folder that holds config.json and the weights (e.g. {folder.parent})"
+        )
+        return f"{folder} is a file, expected a model folder (config.json + weights){hint}"
+    msg = f"{folder} is not a model folder: it has no config.json"
+    if (folder / "model" / "config.json").is_file():
+        return f"{msg}; it looks like a training run folder, pass its model folder {folder / 'model'}"
+    if (folder / "checkpoint.safetensors").is_file():
+        return (
+            f"{msg}; it holds a training checkpoint, which `ssmkit eval "
+            f"{folder / 'checkpoint.safetensors'}` evaluates"
+        )
+    return msg
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    """The config.json of a model folder as a dict (FileNotFoundError / ValueError naming the file)."""
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        if folder.is_file():
+            raise NotADirectoryError(_not_a_model_folder(folder))
+        raise FileNotFoundError(_not_a_model_folder(folder))
+    return read_json(folder / "config.json", "a JSON object (the model's config)")
+
+
+def model_type(config: dict[str, Any], where: str = "config.json") -> str:
+    """The model type a config.json describes: its ``model_type``, or for mamba-ssm's config.json (which
+    has none) the type of its ``ssm_cfg.layer`` ("Mamba1" -> "mamba", "Mamba2" -> "mamba2")."""
+    found = config.get("model_type")
+    if found is not None:
+        if not isinstance(found, str):
+            raise ValueError(f"{where}: model_type must be a string, got {found!r}")
+        return found
+    if "d_model" in config:  # mamba-ssm layout
+        ssm_cfg = config.get("ssm_cfg") or {}
+        if not isinstance(ssm_cfg, dict):
+            raise ValueError(f"{where}: ssm_cfg must be a JSON object, got {ssm_cfg!r}")
+        layer = ssm_cfg.get("layer", "Mamba1")
+        if layer not in _MAMBA_SSM_LAYERS:
+            raise ValueError(
+                f"{where}: ssm_cfg.layer {layer!r} is not a mamba-ssm layer (expected one of "
+                f"{sorted(_MAMBA_SSM_LAYERS)})"
+            )
+        return _MAMBA_SSM_LAYERS[layer]
+    raise ValueError(f"{where} has no 'model_type' (nor mamba-ssm's 'd_model'); cannot tell what model it is")
 
 
 # ---------------------------------------------------------------------------- configs
-def config_from_hf(d: dict[str, Any]) -> MambaConfig:
-    """MambaConfig from a transformers ``MambaConfig`` dict (config.json)."""
-    _warn_unknown(set(d) - set(_HF_MAPPED) - _HF_KNOWN, "Hugging Face config.json")
+def _build_config(kwargs: dict[str, Any], where: str, names: dict[str, str] | None = None) -> MambaConfig:
+    """``config_from_dict(MambaConfig, ...)`` with every message naming ``where`` and, through ``names``
+    (ours -> the file's), the key as the file spells it."""
+    try:
+        return config_from_dict(MambaConfig, kwargs, where)
+    except ValueError as err:
+        msg = str(err)
+        for ours, theirs in (names or {}).items():
+            msg = re.sub(rf"\b(?:MambaConfig\.)?{ours}\b(?= must)", theirs, msg)
+        raise ValueError(msg if msg.startswith(where) else f"{where}: {msg}") from None
+
+
+def config_from_hf(d: dict[str, Any], where: str = "Hugging Face config.json") -> MambaConfig:
+    """MambaConfig from a transformers ``MambaConfig`` dict (config.json); ValueError naming ``where``."""
+    unknown = sorted(set(d) - set(_HF_MAPPED) - _HF_CHECKED - _HF_IGNORED)
+    if unknown:
+        raise ValueError(
+            f"{where}: unknown keys {unknown} for a Hugging Face Mamba config (ssmkit reads "
+            f"{sorted(_HF_MAPPED)} and ignores only keys that do not change the weights' meaning)"
+        )
     for key in ("hidden_size", "num_hidden_layers", "vocab_size"):
         if key not in d:
-            raise ValueError(f"Hugging Face config.json lacks required field {key!r}")
+            raise ValueError(f"{where} lacks required field {key!r}")
     if d.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"only hidden_act='silu' is supported, config.json has {d['hidden_act']!r}")
+        raise ValueError(f"{where}: only hidden_act='silu' is supported, got {d['hidden_act']!r}")
     kwargs = {ours: d[hf] for hf, ours in _HF_MAPPED.items() if hf in d}
-    if kwargs.get("dt_rank") == math.ceil(d["hidden_size"] / 16):
-        kwargs["dt_rank"] = "auto"  # transformers stores the resolved rank; keep the round trip exact
     kwargs.setdefault("bias", False)  # transformers' default (some 5.x-era versions differed; be explicit)
     kwargs.setdefault("tie_embeddings", True)
-    expand = kwargs.get("expand", 2)
-    if "intermediate_size" in d and d["intermediate_size"] != int(expand * d["hidden_size"]):
-        raise ValueError(
-            f"config.json intermediate_size={d['intermediate_size']} must equal expand*hidden_size = "
-            f"{int(expand * d['hidden_size'])}"
-        )
     vocab = d["vocab_size"]
     pad = d.get("pad_vocab_size_multiple", 1)
-    pad = pad if isinstance(pad, int) and pad > 0 and vocab % pad == 0 else 1
-    return MambaConfig(vocab_size=vocab, pad_vocab_size_multiple=pad, **kwargs)
+    pad = pad if isinstance(pad, int) and isinstance(vocab, int) and pad > 0 and vocab % pad == 0 else 1
+    config = _build_config(
+        {**kwargs, "pad_vocab_size_multiple": pad}, where, {ours: hf for hf, ours in _HF_MAPPED.items()}
+    )
+    if config.dt_rank == math.ceil(config.d_model / 16):
+        config = dataclasses.replace(config, dt_rank="auto")  # HF stores the resolved rank; keep round trips
+    if "intermediate_size" in d and d["intermediate_size"] != config.d_inner:
+        raise ValueError(
+            f"{where}: intermediate_size={d['intermediate_size']!r} must equal expand*hidden_size = "
+            f"{config.d_inner}"
+        )
+    return config
 
 
 def config_to_hf(config: MambaConfig) -> dict[str, Any]:
     """transformers ``MambaConfig`` dict for ``config`` (vocab_size is the padded size)."""
     return {
         "architectures": ["MambaForCausalLM"],
-        "model_type": "mamba",
+        "model_type": MODEL_TYPE,
         "hidden_size": config.d_model,
         "num_hidden_layers": config.n_layer,
         "vocab_size": config.padded_vocab_size,
@@ -143,31 +276,51 @@ def config_to_hf(config: MambaConfig) -> dict[str, Any]:
     }
 
 
-def config_from_mamba_ssm(d: dict[str, Any]) -> MambaConfig:
-    """MambaConfig from a mamba-ssm ``MambaConfig`` dict (config.json)."""
-    _warn_unknown(set(d) - _MAMBA_SSM_KNOWN, "mamba-ssm config.json")
+def config_from_mamba_ssm(d: dict[str, Any], where: str = "mamba-ssm config.json") -> MambaConfig:
+    """MambaConfig from a mamba-ssm ``MambaConfig`` dict (config.json); ValueError naming ``where``."""
+    unknown = sorted(set(d) - _MAMBA_SSM_KEYS)
+    if unknown:
+        raise ValueError(
+            f"{where}: unknown keys {unknown} for a mamba-ssm config (known: {sorted(_MAMBA_SSM_KEYS)})"
+        )
     for key in ("d_model", "n_layer", "vocab_size"):
         if key not in d:
-            raise ValueError(f"mamba-ssm config.json lacks required field {key!r}")
+            raise ValueError(f"{where} lacks required field {key!r}")
     if d.get("d_intermediate", 0) != 0:
-        raise ValueError(f"d_intermediate must be 0 (no MLP; Mamba-1 only), got {d['d_intermediate']!r}")
+        raise ValueError(
+            f"{where}: d_intermediate must be 0 (no MLP; Mamba-1 only), got {d['d_intermediate']!r}"
+        )
     if d.get("attn_layer_idx") or d.get("attn_cfg"):
         raise ValueError(
-            f"hybrid attention layers are not supported, attn_layer_idx={d.get('attn_layer_idx')!r}"
+            f"{where}: hybrid attention layers are not supported, attn_layer_idx={d.get('attn_layer_idx')!r}"
         )
-    if not d.get("rms_norm", True):
-        raise ValueError("rms_norm must be true (LayerNorm models are not supported)")
-    ssm_cfg = dict(d.get("ssm_cfg") or {})
-    layer = ssm_cfg.pop("layer", "Mamba1")
+    if d.get("rms_norm", True) is not True:
+        raise ValueError(f"{where}: rms_norm must be true (LayerNorm models are not supported)")
+    ssm_cfg = d.get("ssm_cfg") or {}
+    if not isinstance(ssm_cfg, dict):
+        raise ValueError(f"{where}: ssm_cfg must be a JSON object, got {ssm_cfg!r}")
+    layer = ssm_cfg.get("layer", "Mamba1")
     if layer != "Mamba1":
-        raise ValueError(f"ssm_cfg.layer must be 'Mamba1', got {layer!r}")
-    ssm_cfg.pop("use_fast_path", None)
-    _warn_unknown(set(ssm_cfg) - _SSM_CFG_MAPPED, "mamba-ssm config.json ssm_cfg")
+        raise ValueError(
+            f"{where}: ssm_cfg.layer must be 'Mamba1' (model type {MODEL_TYPE!r}), got {layer!r}"
+        )
+    unknown = sorted(set(ssm_cfg) - _SSM_CFG_MAPPED - _SSM_CFG_IGNORED)
+    if unknown:
+        raise ValueError(
+            f"{where}: unknown ssm_cfg keys {unknown} (known: {sorted(_SSM_CFG_MAPPED | _SSM_CFG_IGNORED)})"
+        )
     kwargs = {k: v for k, v in ssm_cfg.items() if k in _SSM_CFG_MAPPED}
-    for key in ("residual_in_fp32", "pad_vocab_size_multiple", "tie_embeddings"):
+    for key in (
+        "d_model",
+        "n_layer",
+        "vocab_size",
+        "residual_in_fp32",
+        "pad_vocab_size_multiple",
+        "tie_embeddings",
+    ):
         if key in d:
             kwargs[key] = d[key]
-    return MambaConfig(d_model=d["d_model"], n_layer=d["n_layer"], vocab_size=d["vocab_size"], **kwargs)
+    return _build_config(kwargs, where)
 
 
 def config_to_mamba_ssm(config: MambaConfig) -> dict[str, Any]:
@@ -190,13 +343,26 @@ def config_to_mamba_ssm(config: MambaConfig) -> dict[str, Any]:
     }
 
 
-def detect_format(d: dict[str, Any]) -> str:
-    """'hf' when config.json has transformers' names (hidden_size / model_type mamba), else 'mamba-ssm'."""
-    if "hidden_size" in d or d.get("model_type") == "mamba":
+def detect_format(d: dict[str, Any], where: str = "config.json") -> str:
+    """'hf' when config.json has transformers' names (hidden_size), 'mamba-ssm' for d_model."""
+    if "hidden_size" in d:
         return "hf"
     if "d_model" in d:
         return "mamba-ssm"
-    raise ValueError("config.json has neither 'hidden_size' (Hugging Face) nor 'd_model' (mamba-ssm)")
+    raise ValueError(f"{where} has neither 'hidden_size' (Hugging Face) nor 'd_model' (mamba-ssm)")
+
+
+def config_from_file(d: dict[str, Any], where: str = "config.json") -> MambaConfig:
+    """MambaConfig from a config.json dict of either format, after checking its model type."""
+    found = model_type(d, where)
+    if found != MODEL_TYPE:
+        raise ValueError(
+            f"{where}: model type {found!r} is not a Mamba-1 model; MambaLM reads model type "
+            f"{MODEL_TYPE!r} (ssmkit.models.load.load_model dispatches on the type)"
+        )
+    if detect_format(d, where) == "hf":
+        return config_from_hf(d, where)
+    return config_from_mamba_ssm(d, where)
 
 
 # ---------------------------------------------------------------------------- state dicts
@@ -259,27 +425,123 @@ def check_state_dict(config: MambaConfig, state_dict: dict[str, Tensor], source:
         raise ValueError(f"{source} does not match the config: " + "; ".join(problems))
 
 
-def _read_tensors(folder: Path) -> tuple[dict[str, Tensor], str]:
-    """All tensors of a folder: model.safetensors, a sharded safetensors index, or pytorch_model.bin."""
+# ---------------------------------------------------------------------------- reading weights
+def read_safetensors(file: Path) -> dict[str, Tensor]:
+    """All tensors of a safetensors file; ValueError naming the file when it is empty or not readable
+    (e.g. truncated by an interrupted download or copy)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    if file.stat().st_size == 0:
+        raise ValueError(f"{file} is empty (0 bytes); expected safetensors weights")
+    try:
+        return load_file(file)
+    except SafetensorError as err:
+        raise ValueError(
+            f"{file} is not a readable safetensors file ({err}); it may be truncated — copy or save it again"
+        ) from None
+
+
+def check_safetensors(file: Path) -> None:
+    """Read only the header of ``file`` (cheap): ValueError naming it when it is missing its data."""
+    from safetensors import SafetensorError, safe_open
+
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} not found; expected safetensors weights")
+    if file.stat().st_size == 0:
+        raise ValueError(f"{file} is empty (0 bytes); expected safetensors weights")
+    try:
+        with safe_open(str(file), framework="pt"):
+            pass
+    except SafetensorError as err:
+        raise ValueError(
+            f"{file} is not a readable safetensors file ({err}); it may be truncated — copy or save it again"
+        ) from None
+
+
+def read_pickle(file: Path) -> dict[str, Tensor]:
+    """A flat ``{name: tensor}`` dict from a PyTorch pickle, loaded with ``weights_only=True``.
+
+    Anything else (other objects, nesting, a damaged file) is one ValueError naming the file. Objects
+    other than tensors in plain containers are refused, never unpickled: unpickling can run code.
+    """
+    if file.stat().st_size == 0:
+        raise ValueError(f"{file} is empty (0 bytes); expected a PyTorch state dict")
+    try:
+        sd = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        what = f" (it needs {found.group(1)})" if found else ""
+        raise ValueError(
+            f"{file} is not a plain tensor state dict{what}: ssmkit loads only tensors in plain "
+            "containers from pickle files, because unpickling other objects can run arbitrary code; "
+            "save the weights as safetensors from code you trust"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as err:
+        cause = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(
+            f"{file} is not a readable PyTorch checkpoint ({cause}); it may be truncated"
+        ) from None
+    if not isinstance(sd, dict) or not sd:
+        raise ValueError(f"{file} is not a plain tensor state dict: it holds a {type(sd).__name__}")
+    bad = next(((k, v) for k, v in sd.items() if not isinstance(k, str) or not isinstance(v, Tensor)), None)
+    if bad is not None:
+        raise ValueError(
+            f"{file} is not a plain tensor state dict: key {bad[0]!r} holds a {type(bad[1]).__name__}, "
+            "expected {name: tensor}"
+        )
+    return sd
+
+
+def _shard_path(folder: Path, index: Path, name: Any) -> Path:
+    """``folder / name`` for a shard listed in ``index``; refuses names that leave the folder."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{index}: shard names must be non-empty strings, got {name!r}")
+    parts = PurePosixPath(name.replace("\\", "/")).parts
+    if (
+        PurePosixPath(name).is_absolute()
+        or PureWindowsPath(name).is_absolute()
+        or PureWindowsPath(name).drive
+    ):
+        raise ValueError(f"{index}: shard path {name!r} is absolute; shards must lie inside {folder}")
+    if ".." in parts:
+        raise ValueError(
+            f"{index}: shard path {name!r} leaves the model folder; shards must lie inside {folder}"
+        )
+    path = folder / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{index} lists shard {name!r}, which is not in {folder}")
+    return path
+
+
+def read_index(folder: Path, index_name: str) -> list[Path]:
+    """The shard files an ``*.index.json`` names (each inside ``folder``), in sorted order."""
+    index = folder / index_name
+    data = read_json(index, "a JSON object with a 'weight_map'")
+    weight_map = data.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(
+            f"{index} has no 'weight_map' (expected an object mapping tensor names to shard files), "
+            f"got keys {sorted(data)}"
+        )
+    return [_shard_path(folder, index, name) for name in sorted(set(weight_map.values()), key=str)]
+
+
+def _read_tensors(folder: Path) -> tuple[dict[str, Tensor], str]:
+    """All tensors of a folder: model.safetensors, a sharded index, or pytorch_model.bin."""
     if (folder / "model.safetensors").is_file():
-        return load_file(folder / "model.safetensors"), "model.safetensors"
-    for index_name, loader in (
-        ("model.safetensors.index.json", lambda f: load_file(f)),
-        ("pytorch_model.bin.index.json", lambda f: torch.load(f, map_location="cpu", weights_only=True)),
+        return read_safetensors(folder / "model.safetensors"), "model.safetensors"
+    for index_name, reader in (
+        ("model.safetensors.index.json", read_safetensors),
+        ("pytorch_model.bin.index.json", read_pickle),
     ):
         if (folder / index_name).is_file():
-            weight_map = json.loads((folder / index_name).read_text())["weight_map"]
             tensors: dict[str, Tensor] = {}
-            for shard in sorted(set(weight_map.values())):
-                tensors.update(loader(folder / shard))
+            for shard in read_index(folder, index_name):
+                tensors.update(reader(shard))
             return tensors, index_name
     if (folder / "pytorch_model.bin").is_file():
-        sd = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
-        if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
-            raise ValueError(f"{folder / 'pytorch_model.bin'} is not a flat state dict of tensors")
-        return sd, "pytorch_model.bin"
+        return read_pickle(folder / "pytorch_model.bin"), "pytorch_model.bin"
     raise FileNotFoundError(
         f"{folder} has no weights: expected model.safetensors, model.safetensors.index.json "
         "or pytorch_model.bin"
@@ -293,11 +555,7 @@ def load_checkpoint(path: str | Path) -> tuple[MambaConfig, dict[str, Tensor]]:
     ``MambaLM(config)`` with ``strict=True``. Raises FileNotFoundError / ValueError naming what is wrong.
     """
     folder = Path(path)
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{folder} is not a model folder: no config.json")
-    raw = json.loads((folder / "config.json").read_text())
-    fmt = detect_format(raw)
-    config = config_from_hf(raw) if fmt == "hf" else config_from_mamba_ssm(raw)
+    config = config_from_file(read_config(folder), str(folder / "config.json"))
     tensors, source = _read_tensors(folder)
     sd = {
         ("backbone.embedding.weight" if k == "backbone.embeddings.weight" else k): v
@@ -316,26 +574,12 @@ def load_checkpoint(path: str | Path) -> tuple[MambaConfig, dict[str, Tensor]]:
 
 
 # ---------------------------------------------------------------------------- writing
-def _atomic_write(target: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``target`` (same folder, so the rename is atomic)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+def _config_dict(config: MambaConfig, format: str) -> dict[str, Any]:
+    return config_to_hf(config) if format == "hf" else config_to_mamba_ssm(config)
 
 
 def _write_json(target: Path, data: dict[str, Any]) -> None:
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
-
-    _atomic_write(target, write)
+    atomic_write_text(target, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def save_checkpoint(
@@ -353,25 +597,62 @@ def save_checkpoint(
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
+    config_dict = _config_dict(config, format)  # before any write: it can refuse the config
     if format == "hf":
         from safetensors.torch import save_file
 
         tensors["backbone.embeddings.weight"] = tensors.pop("backbone.embedding.weight")
         if config.tie_embeddings:
             tensors.pop("lm_head.weight")
-        _atomic_write(
+        atomic_save(
             folder / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"})
         )
-        _write_json(folder / "config.json", config_to_hf(config))
     else:
-        _atomic_write(folder / "pytorch_model.bin", lambda tmp: torch.save(tensors, tmp))
-        _write_json(folder / "config.json", config_to_mamba_ssm(config))
+        atomic_save(folder / "pytorch_model.bin", lambda tmp: torch.save(tensors, tmp))
+    _write_json(folder / "config.json", config_dict)
 
 
-def convert_checkpoint(src: str | Path, dst: str | Path, to: str = "hf") -> MambaConfig:
-    """Convert a checkpoint folder to ``to`` format without building a model. Returns the config."""
-    if Path(src).resolve() == Path(dst).resolve():
+def weight_files(folder: Path, format: str) -> list[Path]:
+    """The weight files of ``format`` in ``folder``: the single file, an index and its shards."""
+    found = {p for pattern in _WEIGHT_FILES[format] for p in folder.glob(pattern) if p.is_file()}
+    return sorted(found)
+
+
+def convert_checkpoint(src: str | Path, dst: str | Path, to: str = "hf", force: bool = False) -> MambaConfig:
+    """Convert a checkpoint folder to ``to`` format without building a model. Returns the config.
+
+    ``dst`` must be empty or missing, unless ``force``: then the weight files of the other format (and
+    any stale index and shards) and tokenizer files that ``src`` lacks are removed from ``dst``, so that
+    loading ``dst`` can only ever give the converted weights. ``src``'s tokenizer files are copied over.
+    """
+    if to not in FORMATS:
+        raise ValueError(f"to must be one of {FORMATS}, got {to!r}")
+    src, dst = Path(src), Path(dst)
+    if src.resolve() == dst.resolve():
         raise ValueError(f"src and dst must differ, both are {src}")
-    config, sd = load_checkpoint(src)
+    if dst.exists() and not dst.is_dir():
+        raise NotADirectoryError(f"destination {dst} is a file, expected a folder")
+    if dst.is_dir() and any(dst.iterdir()) and not force:
+        held = sorted(p.name for p in dst.iterdir())
+        shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+        raise FileExistsError(
+            f"destination {dst} is not empty (it holds {shown}); choose an empty folder, or pass --force "
+            "to replace the model files in it"
+        )
+    config, sd = load_checkpoint(src)  # everything is read and checked before dst is touched
+    _config_dict(config, to)  # and the config can be written in this format
+    if dst.is_dir():
+        other = "mamba-ssm" if to == "hf" else "hf"
+        stale = weight_files(dst, other) + [
+            p for p in weight_files(dst, to) if p.name != _WEIGHT_FILES[to][0]
+        ]
+        stale += [
+            dst / name for name in TOKENIZER_FILES if (dst / name).is_file() and not (src / name).is_file()
+        ]
+        for p in stale:
+            p.unlink()
     save_checkpoint(dst, config, sd, format=to)
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            atomic_save(dst / name, lambda tmp, name=name: shutil.copyfile(src / name, tmp))
     return config

@@ -1,9 +1,10 @@
-"""Configuration of the Mamba language model, with mamba-ssm's field names (reference/mamba.md §1.2, §1.5).
+"""Configuration of the Mamba language model, with mamba-ssm's field names.
 
 ``MambaConfig`` is the flattened union of mamba-ssm's ``MambaConfig`` (d_model, n_layer, vocab_size,
 residual_in_fp32, pad_vocab_size_multiple, tie_embeddings) and the keyword arguments of its ``Mamba``
 mixer (``ssm_cfg``: d_state, d_conv, expand, dt_rank, dt_*, conv_bias, bias). The mapping to and from
-transformers' names (hidden_size, state_size, ...) lives in ``ssmkit.models.checkpoint``.
+transformers' names (hidden_size, state_size, ...) lives in ``ssmkit.models.checkpoint``. Reference: Gu &
+Dao 2023 (arXiv 2312.00752) §3.4 and mamba-ssm's ``mamba_ssm/models/config_mamba.py``.
 
 Glossary: d_model D; n_layer the number of blocks; d_state N; d_inner = expand·D; dt_rank R;
 padded_vocab_size V_pad (vocab_size rounded up to a multiple of pad_vocab_size_multiple).
@@ -12,9 +13,10 @@ padded_vocab_size V_pad (vocab_size rounded up to a multiple of pad_vocab_size_m
 from __future__ import annotations
 
 import math
-import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
+
+from ssmkit.utils import config_from_dict
 
 
 @dataclass
@@ -126,10 +128,7 @@ class MambaConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> MambaConfig:
-        """Build from a dict with these field names; unknown keys are ignored with one warning naming them."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            warnings.warn(f"MambaConfig: ignoring unknown config fields {unknown}", UserWarning, stacklevel=2)
-        return cls(**{k: v for k, v in data.items() if k in known})
+    def from_dict(cls, data: dict[str, Any], where: str = "MambaConfig") -> MambaConfig:
+        """Build from a dict with these field names, strictly: an unknown key or a value of the wrong
+        type is one ValueError naming ``where`` (e.g. the file it came from) and the key."""
+        return config_from_dict(cls, data, where)

@@ -1,0 +1,61 @@
+"""Load any ssmkit language model folder: read config.json, dispatch on its model type.
+
+    load_model(path) -> MambaLM | TransformerLM
+
+The model type is checked first, so a folder of another architecture (a transformers Llama, a Mamba-2
+model) is one line naming the type found and the types supported — not a long list of missing and
+unexpected weights. Types (``model_type`` in config.json; mamba-ssm's config.json has none and is typed
+by its ``ssm_cfg.layer``, see ``ssmkit.models.checkpoint.model_type``):
+
+    "mamba"               Mamba-1: transformers' MambaForCausalLM or mamba-ssm's MambaLMHeadModel folder
+                          -> MambaLM.from_pretrained
+    "ssmkit-transformer"  written by TransformerLM.save_pretrained -> TransformerLM.from_pretrained
+
+This is the only module that imports both model classes (``checkpoint`` imports neither: ``mamba_lm``
+imports it).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from ssmkit.models import checkpoint
+from ssmkit.models.mamba_lm import MambaLM
+from ssmkit.models.transformer_lm import MODEL_TYPE as TRANSFORMER_TYPE
+from ssmkit.models.transformer_lm import TransformerLM
+
+# model_type -> (what it is, in words; the class that loads it)
+MODEL_TYPES: dict[str, tuple[str, type[nn.Module]]] = {
+    checkpoint.MODEL_TYPE: ("Mamba-1, Hugging Face or mamba-ssm folder", MambaLM),
+    TRANSFORMER_TYPE: ("ssmkit's Transformer baseline", TransformerLM),
+}
+
+
+def supported_types() -> str:
+    """The supported model types in words, for error messages."""
+    return ", ".join(f"{name!r} ({what})" for name, (what, _) in MODEL_TYPES.items())
+
+
+def model_type_of(path: str | Path) -> str:
+    """The model type of the model folder ``path``, checked to be one ssmkit loads (ValueError if not)."""
+    folder = Path(path)
+    found = checkpoint.model_type(checkpoint.read_config(folder), str(folder / "config.json"))
+    if found not in MODEL_TYPES:
+        where = folder / "config.json"
+        raise ValueError(f"{where}: model type {found!r} is not supported; ssmkit loads {supported_types()}")
+    return found
+
+
+def load_model(path: str | Path) -> nn.Module:
+    """The model saved in the folder ``path`` (in training mode, as ``from_pretrained`` returns it).
+
+    Raises FileNotFoundError / NotADirectoryError / ValueError with one line naming the file and the cause.
+    """
+    folder = Path(path)
+    found = model_type_of(folder)
+    cls = MODEL_TYPES[found][1]
+    if cls is TransformerLM:
+        checkpoint.check_safetensors(folder / "model.safetensors")  # a truncated file: say so, by name
+    return cls.from_pretrained(folder)
