@@ -1,11 +1,21 @@
-"""Dataclass -> argparse flags (``field_name`` -> ``--field-name``); the field docstrings are the help."""
+"""Dataclass -> argparse flags (``field_name`` -> ``--field-name``); the field docstrings are the help.
+
+A field listed in ``task_defaults`` gets the flag default None and both defaults in its help, so that the
+command can tell "not given" from a value and fill in the default of the task it runs (``ssmkit train``:
+the synthetic tasks' and ``--task lm``'s). ``flag_error`` turns a config's ValueError that starts with a
+field name ("ckpt_every: expected >= 0, got -1") into one that names the flag.
+"""
 
 from __future__ import annotations
 
+import argparse
 import ast
 import dataclasses
 import inspect
 import typing
+from functools import partial
+
+from ssmkit.utils import parse_list
 
 
 def field_docs(cls) -> dict[str, str]:
@@ -24,36 +34,77 @@ def field_docs(cls) -> dict[str, str]:
     return docs
 
 
-def _parse_list(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
-def add_dataclass_args(parser, cls, skip: tuple[str, ...] = ()) -> None:
-    """One flag per field of ``cls`` (bool fields become ``--flag/--no-flag``)."""
+def _list_of(kind: type, name: str, text: str) -> list:
+    try:
+        return parse_list(text, kind, flag(name))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_dataclass_args(
+    parser, cls, skip: tuple[str, ...] = (), task_defaults: dict[str, str] | None = None
+) -> None:
+    """One flag per field of ``cls`` (bool fields become ``--flag/--no-flag``).
+
+    ``task_defaults``: {field: "--task lm: VALUE"} for fields whose default depends on the task; those
+    flags default to None (see the module docstring).
+    """
     docs = field_docs(cls)
     hints = typing.get_type_hints(cls)
+    task_defaults = task_defaults or {}
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
-        flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_ = f"{docs.get(f.name, '')} (default: {default})".replace("%", "%%")  # argparse %-formats help
+        shown = f"{default}; {task_defaults[f.name]}" if f.name in task_defaults else f"{default}"
+        help_ = f"{docs.get(f.name, '')} (default: {shown})".replace("%", "%%")  # argparse %-formats help
+        if f.name in task_defaults:
+            default = None
         hint = hints[f.name]
+        name = flag(f.name)
         if hint is bool:
-            parser.add_argument(
-                flag, action=__import__("argparse").BooleanOptionalAction, default=default, help=help_
-            )
+            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=default, help=help_)
         elif typing.get_origin(hint) is list:
-            parser.add_argument(flag, type=_parse_list, default=default, help=help_ + " comma-separated")
+            (kind,) = typing.get_args(hint)
+            parser.add_argument(
+                name, type=partial(_list_of, kind, f.name), default=default, help=help_ + " comma-separated"
+            )
         elif typing.get_origin(hint) is tuple:
-            parser.add_argument(flag, type=float, nargs=2, default=default, help=help_)
+            parser.add_argument(name, type=float, nargs=2, default=default, help=help_)
         elif hint == (float | None):
-            parser.add_argument(flag, type=float, default=default, help=help_)
+            parser.add_argument(name, type=float, default=default, help=help_)
         elif hint == (int | None):
-            parser.add_argument(flag, type=int, default=default, help=help_)
+            parser.add_argument(name, type=int, default=default, help=help_)
+        elif hint == (str | None):
+            parser.add_argument(name, type=str, default=default, help=help_)
         else:
-            parser.add_argument(flag, type=hint, default=default, help=help_)
+            parser.add_argument(name, type=hint, default=default, help=help_)
 
 
-def dataclass_from_args(cls, args, skip: tuple[str, ...] = ()):
-    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.name not in skip})
+def dataclass_from_args(cls, args, skip: tuple[str, ...] = (), **given):
+    """``cls`` from the parsed flags of its fields (``given`` overrides), its ValueErrors naming the flag."""
+    names = [f.name for f in dataclasses.fields(cls) if f.name not in skip and f.name not in given]
+    values = {**{name: getattr(args, name) for name in names}, **given}
+    with flag_error(values):
+        return cls(**values)
+
+
+class flag_error:
+    """Context manager: a ValueError "name: …" for ``name`` in ``names`` is re-raised as "--name: …"."""
+
+    def __init__(self, names):
+        self.names = set(names)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if kind is not None and issubclass(kind, ValueError) and type(exc) is ValueError:
+            name, sep, rest = str(exc).partition(":")
+            if sep and name in self.names:
+                raise ValueError(f"{flag(name)}:{rest}") from None
+        return False

@@ -7,7 +7,8 @@ vocabulary fits, else ``uint32``) plus a JSON sidecar, cached under a folder of 
 keyed by a hash of the sources, the split and the tokenizer; later runs memory-map it and start at once.
 
 The split is made on the text, not on the tokens: the first ``1 - val_fraction`` of the bytes (cut at a
-line boundary) is the training split, the rest the validation split, and each is tokenised on its own.
+line boundary, or inside a line when that would leave a split empty, as for one file without line
+breaks) is the training split, the rest the validation split, and each is tokenised on its own.
 So the byte count of each split is exact, and bits per byte is
 
     bpb = (mean loss in nats per token) / ln 2 × (tokens in the split) / (bytes in the split).
@@ -23,8 +24,9 @@ Glossary:
     n_train      tokens in the training split (positions [0, n_train) of the token file)
     n_val        tokens in the validation split (positions [n_train, n_train + n_val))
 
-The tokenizer is any object with ``encode(text: str) -> list[int]`` and an integer ``vocab_size``
-(``ssmkit.data.tokenizer``'s byte-level and ``tokenizer.json`` tokenizers both qualify).
+The tokenizer is any object with ``encode(text: str) -> list[int]`` and an integer ``vocab_size`` (the
+``Tokenizer`` protocol of ``ssmkit.data.tokenizer``, whose byte-level and ``tokenizer.json`` tokenizers
+both qualify).
 """
 
 from __future__ import annotations
@@ -34,16 +36,18 @@ import hashlib
 import json
 import math
 import os
+import stat
 import sysconfig
-import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from ssmkit.data.tokenizer import Tokenizer
+from ssmkit.utils import atomic_write, atomic_write_text
 
 FORMAT_VERSION = 1
 DEFAULT_MAX_BYTES = 20_000_000
@@ -52,12 +56,6 @@ DEFAULT_MAX_BYTES = 20_000_000
 _STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
 # A fixed text whose encoding fingerprints a tokenizer for the cache key.
 _PROBE = "def f(x):\n    return x ** 2  # Ünïcödé, 数字, emoji 🙂\n\tSpaces   and\r\nnewlines.\n"
-
-
-class Tokenizer(Protocol):
-    vocab_size: int
-
-    def encode(self, text: str) -> list[int]: ...
 
 
 @dataclass
@@ -143,7 +141,25 @@ def resolve_sources(data: str | os.PathLike | None) -> tuple[list[Path], str]:
         if not files:
             raise ValueError(f"data: glob {text!r} matches no files")
         return files, text
+    if path.exists():  # a device, a FIFO, a socket: nothing to read text from
+        raise ValueError(
+            f"data: expected a regular file, a folder or a glob pattern, got {text!r} ({_kind(path)})"
+        )
     raise ValueError(f"data: expected a file, a folder or a glob pattern, got {text!r} (does not exist)")
+
+
+def _kind(path: Path) -> str:
+    """What a path that is neither a regular file nor a folder is, in words."""
+    mode = path.stat().st_mode
+    for test, name in (
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISFIFO, "a named pipe"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
 
 
 def read_documents(files: list[Path], max_bytes: int) -> tuple[list[str], SourceReport]:
@@ -192,29 +208,45 @@ def _cut_lines(text: str, n_bytes: int) -> str:
 
 def split_documents(docs: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
     """Split the concatenated documents at byte ``(1 - val_fraction) × total``, moved back to the start of
-    the line that holds it. Returns (train documents, validation documents)."""
+    the line that holds it. Returns (train documents, validation documents).
+
+    When that leaves a split empty — one document whose lines are long, e.g. a single text file written
+    without line breaks — the cut is made inside the line instead, at the character that holds the byte
+    (at least one byte on each side)."""
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must lie in (0, 1), got {val_fraction}")
-    sizes = [len(d.encode("utf-8")) for d in docs]
-    cut = round((1.0 - val_fraction) * sum(sizes))
+    total = sum(len(d.encode("utf-8")) for d in docs)
+    cut = round((1.0 - val_fraction) * total)
+    train, val = _split_at(docs, cut, _cut_lines)
+    if not train or not val:
+        train, val = _split_at(docs, min(max(cut, 1), total - 1), _cut_chars)
+    if not train or not val:
+        raise ValueError(f"val_fraction={val_fraction} leaves an empty split of a {total}-byte corpus")
+    return train, val
+
+
+def _split_at(docs: list[str], cut: int, head_of) -> tuple[list[str], list[str]]:
+    """Documents before byte ``cut`` and after it; the document holding it is cut by ``head_of``."""
     train: list[str] = []
     val: list[str] = []
     offset = 0
-    for doc, size in zip(docs, sizes):
+    for doc in docs:
+        size = len(doc.encode("utf-8"))
         if offset + size <= cut:
             train.append(doc)
         elif offset >= cut:
             val.append(doc)
         else:
-            head = _cut_lines(doc, cut - offset)
+            head = head_of(doc, cut - offset)
             train.append(head)
             val.append(doc[len(head) :])
         offset += size
-    train = [d for d in train if d]
-    val = [d for d in val if d]
-    if not train or not val:
-        raise ValueError(f"val_fraction={val_fraction} leaves an empty split of a {sum(sizes)}-byte corpus")
-    return train, val
+    return [d for d in train if d], [d for d in val if d]
+
+
+def _cut_chars(text: str, n_bytes: int) -> str:
+    """The longest prefix of whole characters of ``text`` with at most ``n_bytes`` UTF-8 bytes."""
+    return text.encode("utf-8")[:n_bytes].decode("utf-8", errors="ignore")
 
 
 # ------------------------------------------------------------------------------------------- token file
@@ -241,13 +273,6 @@ def _cache_key(files: list[Path], source: str, max_bytes: int, val_fraction: flo
         stats.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
     blob = json.dumps([FORMAT_VERSION, source, max_bytes, val_fraction, tok_fp, stats])
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def _write_atomic_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 def _encode_into(fh, docs: list[str], tokenizer: Tokenizer, dtype: np.dtype) -> int:
@@ -315,15 +340,9 @@ class TokenCorpus:
         dtype = token_dtype(tokenizer.vocab_size)
         if verbose:
             print(f"[data] tokenising {len(report.files)} file(s), {report.n_bytes:,} bytes from {source}")
-        fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=bin_path.name + ".", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                n_train = _encode_into(fh, train_docs, tokenizer, dtype)
-                n_val = _encode_into(fh, val_docs, tokenizer, dtype)
-            os.replace(tmp, bin_path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_write(bin_path, "wb") as fh:
+            n_train = _encode_into(fh, train_docs, tokenizer, dtype)
+            n_val = _encode_into(fh, val_docs, tokenizer, dtype)
         meta = CorpusMeta(
             version=FORMAT_VERSION,
             dtype=dtype.name,
@@ -337,7 +356,7 @@ class TokenCorpus:
             skipped=report.skipped,
             truncated=report.truncated,
         )
-        _write_atomic_text(meta_path, json.dumps(asdict(meta), indent=1))
+        atomic_write_text(meta_path, json.dumps(asdict(meta), indent=1))
         if verbose:
             note = f", {len(report.skipped)} non-UTF-8 file(s) skipped" if report.skipped else ""
             print(f"[data] wrote {bin_path} ({n_train:,} train + {n_val:,} val tokens{note})")

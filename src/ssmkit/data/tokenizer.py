@@ -6,7 +6,8 @@
   GPT-NeoX-20B tokenizer shipped with ``state-spaces/mamba-*-hf``); the end-of-sequence token is read
   from ``tokenizer_config.json``'s ``eos_token`` when present.
 
-``load_tokenizer(model_dir)`` picks ``tokenizer.json`` when the folder has one, else bytes.
+``load_tokenizer(path)`` takes a ``tokenizer.json`` file, or a folder: its ``tokenizer.json`` when it has
+one, else bytes.
 
 Glossary: id — an integer token index in [0, vocab_size).
 """
@@ -67,14 +68,28 @@ class JsonTokenizer:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
 
-def load_tokenizer(model_dir: str | Path) -> ByteTokenizer | JsonTokenizer:
-    """``tokenizer.json`` from ``model_dir`` when present (eos from tokenizer_config.json), else bytes."""
-    folder = Path(model_dir)
-    if (folder / "tokenizer.json").is_file():
-        eos = None
-        cfg = folder / "tokenizer_config.json"
-        if cfg.is_file():
-            value = json.loads(cfg.read_text()).get("eos_token")
-            eos = value.get("content") if isinstance(value, dict) else value
-        return JsonTokenizer(folder / "tokenizer.json", eos_token=eos)
-    return ByteTokenizer()
+def load_tokenizer(path: str | Path, required: bool = False) -> ByteTokenizer | JsonTokenizer:
+    """The tokenizer at ``path``: a ``tokenizer.json``-format file itself (any name), or a folder.
+
+    A folder gives its ``tokenizer.json`` when it has one, else bytes — or, with ``required``,
+    FileNotFoundError (for a user who asked for a tokenizer by path). The end-of-sequence token is read
+    from the ``tokenizer_config.json`` beside the file, when there is one.
+    """
+    p = Path(path)
+    if p.is_file():
+        file = p
+    elif (p / "tokenizer.json").is_file():
+        file = p / "tokenizer.json"
+    elif required:
+        what = "folder holds no tokenizer.json" if p.is_dir() else "does not exist"
+        raise FileNotFoundError(
+            f"tokenizer: expected a tokenizer.json file or a folder holding one, got {p} ({what})"
+        )
+    else:
+        return ByteTokenizer()
+    eos = None
+    cfg = file.parent / "tokenizer_config.json"
+    if cfg.is_file():
+        value = json.loads(cfg.read_text()).get("eos_token")
+        eos = value.get("content") if isinstance(value, dict) else value
+    return JsonTokenizer(file, eos_token=eos)

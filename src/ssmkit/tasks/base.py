@@ -2,8 +2,13 @@
 
 A task is "anything that yields (inputs, targets) token batches"; the trainer never looks inside. Targets
 use ``IGNORE`` (-100, PyTorch's ``ignore_index``) at every position that is not scored, so loss and
-accuracy count the answer positions only. The same contract serves language modelling later (targets =
-inputs shifted by one, all positions scored).
+accuracy count the answer positions only. The same contract serves language modelling
+(``ssmkit.tasks.lm``: targets = inputs shifted by one, all positions scored).
+
+Besides batches, a task describes itself as a JSON ``spec()`` (stored in checkpoints; ``build_task``
+rebuilds the task from it), may derive extra numbers from a validation loss (``eval_metrics``: bits per
+byte for language modelling) and may write what a finished run leaves for users (``export``: a
+``save_pretrained`` folder with its tokenizer for language modelling).
 
 Determinism: the training batch of step ``s`` is a pure function of ``(seed, s)`` — not of an RNG that
 advances — so a resumed run sees exactly the batches it would have seen, and under DDP each rank takes
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -78,6 +84,18 @@ class Task(Protocol):
         """A fixed, seeded validation set at (region) length ``length``."""
         ...
 
+    def spec(self) -> dict:
+        """JSON description from which ``ssmkit.tasks.build_task`` rebuilds this task."""
+        ...
+
+    def eval_metrics(self, val_loss: float) -> dict[str, float]:
+        """Extra numbers derived from a validation loss, logged beside it ({} when there are none)."""
+        ...
+
+    def export(self, model: torch.nn.Module, folder: Path) -> Path | None:
+        """Write what a finished run leaves for users into ``folder``; None when the task has nothing."""
+        ...
+
 
 class SyntheticTask:
     """The seeded stream shared by the synthetic tasks. A subclass sets ``name`` and implements
@@ -105,6 +123,23 @@ class SyntheticTask:
     def validation_set(self, length: int, n_examples: int) -> Batch:
         g = make_generator(self.config.seed, 2, length, n_examples)
         return self.make_batch(n_examples, length, g)
+
+    def spec(self) -> dict:
+        """{"task", "seq_len", "vocab_size", "seed", "n_tokens"} (n_tokens 16 where the task has none)."""
+        c = self.config
+        return {
+            "task": self.name,
+            "seq_len": c.seq_len,
+            "vocab_size": c.vocab_size,
+            "seed": c.seed,
+            "n_tokens": getattr(c, "n_tokens", 16),
+        }
+
+    def eval_metrics(self, val_loss: float) -> dict[str, float]:
+        return {}
+
+    def export(self, model: torch.nn.Module, folder: Path) -> Path | None:
+        return None  # the checkpoint is the artefact
 
 
 def masked_loss_sums(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -1,6 +1,7 @@
 """Rebuild what a checkpoint describes: the model (from its JSON spec) and the task.
 
-Specs are plain JSON stored in every training checkpoint, so ``ssmkit eval CKPT`` needs nothing else:
+Specs are plain JSON stored in every training checkpoint, so ``ssmkit eval CKPT`` needs nothing else
+(the task half is each task's ``spec()``, rebuilt by ``ssmkit.tasks.build_task``):
 
     model: {"kind": "sequence", "config": {SequenceModelConfig fields}}   (SSM ablation or attention)
            {"kind": "mamba_lm", "config": {MambaConfig fields}}
@@ -18,16 +19,34 @@ from pathlib import Path
 
 import torch
 
-from ssmkit.tasks import make_task
-from ssmkit.tasks.base import Task
+from ssmkit.models.config import MambaConfig
+from ssmkit.models.mamba_lm import MambaLM
+from ssmkit.models.sequence import SequenceModel, SequenceModelConfig
+from ssmkit.models.transformer_lm import TransformerConfig, TransformerLM
+from ssmkit.tasks import build_task
 from ssmkit.train.checkpoint import model_state, read_checkpoint
+
+__all__ = ["build_model", "build_task", "load_trained", "model_spec", "sequence_model_spec", "task_spec"]
+
+ModelConfig = SequenceModelConfig | MambaConfig | TransformerConfig
 
 
 def sequence_model_spec(**config) -> dict:
     """Spec of a ``SequenceModel``; validates the fields by building the config."""
-    from ssmkit.models.sequence import SequenceModelConfig
+    return model_spec(SequenceModelConfig(**config))
 
-    return {"kind": "sequence", "config": asdict(SequenceModelConfig(**config))}
+
+def model_spec(config: ModelConfig) -> dict:
+    """The JSON spec ({"kind", "config"}) of a model config."""
+    if isinstance(config, SequenceModelConfig):
+        return {"kind": "sequence", "config": asdict(config)}
+    if isinstance(config, MambaConfig):
+        return {"kind": "mamba_lm", "config": config.to_dict()}
+    if isinstance(config, TransformerConfig):
+        return {"kind": "transformer_lm", "config": config.to_dict()}
+    raise ValueError(
+        f"model config: expected a SequenceModelConfig, MambaConfig or TransformerConfig, got {config!r}"
+    )
 
 
 def build_model(spec: dict) -> torch.nn.Module:
@@ -37,37 +56,17 @@ def build_model(spec: dict) -> torch.nn.Module:
     """
     kind = spec.get("kind")
     if kind == "sequence":
-        from ssmkit.models.sequence import SequenceModel, SequenceModelConfig
-
         return SequenceModel.from_config(SequenceModelConfig(**spec["config"])).float()
     if kind == "mamba_lm":
-        from ssmkit.models.config import MambaConfig
-        from ssmkit.models.mamba_lm import MambaLM
-
         return MambaLM(MambaConfig(**spec["config"])).float()
     if kind == "transformer_lm":
-        from ssmkit.models.transformer_lm import TransformerConfig, TransformerLM
-
         return TransformerLM(TransformerConfig(**spec["config"])).float()
     raise ValueError(f"model spec kind must be 'sequence', 'mamba_lm' or 'transformer_lm', got {kind!r}")
 
 
 def task_spec(name: str, seq_len: int, vocab_size: int, seed: int = 0, n_tokens: int = 16) -> dict:
+    """Spec of a synthetic task (what its ``spec()`` returns)."""
     return {"task": name, "seq_len": seq_len, "vocab_size": vocab_size, "seed": seed, "n_tokens": n_tokens}
-
-
-def build_task(spec: dict, verbose: bool = False) -> Task:
-    """The task a spec describes; for ``lm`` the tokenizer and the (cached) token file are rebuilt."""
-    if spec["task"] == "lm":
-        from ssmkit.train.lm import LMDataConfig, load_lm_tokenizer, make_lm_task
-
-        data = LMDataConfig(
-            spec["data"], spec["seq_len"], spec["val_fraction"], spec["max_bytes"], spec["seed"]
-        )
-        return make_lm_task(load_lm_tokenizer(spec["tokenizer"]), data, spec["token_cache"], verbose)
-    return make_task(
-        spec["task"], spec["seq_len"], spec["vocab_size"], spec.get("seed", 0), spec.get("n_tokens", 16)
-    )
 
 
 def load_trained(path: str | Path) -> tuple[torch.nn.Module, dict]:

@@ -1,4 +1,5 @@
-"""Training checkpoints: one safetensors file, written atomically (temporary file, then ``os.replace``).
+"""Training checkpoints: one safetensors file, written atomically (temporary file, fsync, rename; mode
+0644 like every other output, through ``ssmkit.utils.atomic_save``).
 
 Contents (tensor names → what they hold; ``__metadata__`` holds JSON strings):
     model.<name>              the model's state dict (tied weights stored once per name, as copies)
@@ -14,14 +15,14 @@ Nothing here unpickles: loading is ``safetensors.torch.load_file`` plus ``json.l
 from __future__ import annotations
 
 import json
-import os
 import random
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from ssmkit.utils import atomic_save
 
 FORMAT = "ssmkit-train-checkpoint/1"
 
@@ -76,15 +77,9 @@ def save_checkpoint(
     tensors.update(opt_tensors)
     tensors.update(rng_tensors)
     header = {"format": FORMAT, "step": int(step), "optimizer": opt_meta, "rng": rng_meta, **meta}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"ssmkit": json.dumps(header)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return atomic_save(
+        path, lambda tmp: save_file(tensors, str(tmp), metadata={"ssmkit": json.dumps(header)})
+    )
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict, dict]:

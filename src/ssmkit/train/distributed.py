@@ -33,9 +33,26 @@ class DistInfo:
 
 
 def resolve_device(device: str) -> torch.device:
+    """'auto' → cuda when available, else cpu; 'cpu', 'cuda', 'cuda:1', … as given, checked to exist."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device: expected 'auto' or 'cpu' on this machine (torch.cuda.is_available() is False), "
+                f"got {device!r}"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device: expected a CUDA index below {torch.cuda.device_count()}, got {device!r}"
+            )
+    elif dev.type != "cpu":
+        raise ValueError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    return dev
 
 
 def setup(device: str = "auto") -> DistInfo:

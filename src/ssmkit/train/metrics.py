@@ -1,14 +1,45 @@
-"""Metrics as JSON lines and a PNG learning curve (matplotlib, Agg backend: no display needed)."""
+"""Metrics as JSON lines and a PNG learning curve (matplotlib, Agg backend: no display needed).
+
+``metrics.jsonl`` holds one JSON object per line and event ("train": loss, accuracy, lr, tokens/s;
+"eval": validation loss and accuracy at one length, plus the task's extra metrics). A process killed
+while appending can leave a torn last line; readers drop torn trailing lines with a warning (the lines
+before them are whole, since each append is one write of one line), and a bad line elsewhere is an error
+that names the file and the line.
+"""
 
 from __future__ import annotations
 
 import json
-import os
+import warnings
 from pathlib import Path
+
+from ssmkit.utils import atomic_save, atomic_write_text
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a metrics file; torn trailing lines (a kill mid-write) are dropped with a warning."""
+    path = Path(path)
+    lines = path.read_text(errors="replace").splitlines()
+    records: list[dict] = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if any(rest.strip() for rest in lines[i + 1 :]):
+                raise ValueError(f"{path}: line {i + 1} is not valid JSON: {line[:80]!r}") from None
+            warnings.warn(
+                f"{path}: dropped a torn last line (a run killed while writing it): {line[:80]!r}",
+                stacklevel=2,
+            )
+            break
+    return records
 
 
 class MetricsLog:
-    """Append-only JSONL file. On resume, lines of steps after ``truncate_after`` are dropped first."""
+    """Append-only JSONL file. On resume, records of steps after ``truncate_after`` (and a torn last line)
+    are dropped first; a fresh run (``truncate_after`` None or 0) starts an empty file."""
 
     def __init__(self, path: Path, enabled: bool = True, truncate_after: int | None = None):
         self.path = Path(path)
@@ -17,14 +48,8 @@ class MetricsLog:
             if truncate_after is None or truncate_after == 0:
                 self.path.unlink()
             else:
-                keep = [
-                    ln
-                    for ln in self.path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= truncate_after
-                ]
-                tmp = self.path.with_suffix(".jsonl.tmp")
-                tmp.write_text("".join(k + "\n" for k in keep))
-                os.replace(tmp, self.path)
+                keep = [r for r in read_metrics(self.path) if r.get("step", 0) <= truncate_after]
+                atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep))
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -33,12 +58,8 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
 
 
-def read_metrics(path: str | Path) -> list[dict]:
-    return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
-
-
 def plot_learning_curve(metrics_path: str | Path, png_path: str | Path, title: str | None = None) -> Path:
-    """Training loss (left) and training/validation accuracy (right) against step."""
+    """Training loss (left) and training/validation accuracy (right) against step, written atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -60,9 +81,7 @@ def plot_learning_curve(metrics_path: str | Path, png_path: str | Path, title: s
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    png_path = Path(png_path)
-    tmp = png_path.with_name(png_path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, png_path)
-    return png_path
+    try:
+        return atomic_save(Path(png_path), lambda tmp: fig.savefig(tmp, dpi=110))
+    finally:
+        plt.close(fig)

@@ -17,21 +17,29 @@ the checkpoint carries model, AdamW state, RNG states and s. So "N steps, save, 
 in the stored TrainConfig and its position is the step. Under DDP the checkpoint holds rank 0's RNG
 states; the tasks draw nothing from the global RNGs, so this matters only for models with dropout.
 
+The steps, each a function below: ``setup`` (device, optimiser, resume, validation sets), ``fit`` (the
+loop), ``train_step`` (one optimiser step), ``validate`` (every validation set) and ``save_checkpoint``;
+``train`` runs them under the output folder's lock (``ssmkit.train.lock``: a second run into the same
+folder is refused) after removing the temporary files a killed run left there.
+
 Signals: SIGINT (Ctrl-C) and SIGTERM set a flag; at the end of the current step every rank agrees
-(the flag rides on the step's all-reduce), rank 0 saves a checkpoint, and ``train`` returns normally.
+(the flag rides on the step's all-reduce), rank 0 saves a checkpoint, and ``train`` returns normally
+with ``stop_reason`` SIGNAL (``exit_code`` 128 + the signal number, the shell's convention: 130, 143).
 
 Outputs in ``out_dir``: ``checkpoint.safetensors`` (latest), ``metrics.jsonl`` (one JSON object per log
-or eval event), ``learning_curve.png``, ``summary.json``.
+or eval event), ``learning_curve.png``, ``summary.json``; every one written atomically.
 
 Glossary: B = batch_size (global), W = world size, S = summed loss, N = number of scored positions.
 """
 
 from __future__ import annotations
 
+import contextlib
+import enum
 import json
 import math
-import os
 import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,12 +47,15 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from ssmkit.tasks.base import Task, masked_loss_sums
+from ssmkit.tasks.base import Batch, Task, masked_loss_sums
+from ssmkit.train import checkpoint as ckpt
 from ssmkit.train import distributed as D
-from ssmkit.train.checkpoint import read_checkpoint, restore, save_checkpoint
 from ssmkit.train.evaluate import evaluate
+from ssmkit.train.lock import OutputLocked, output_lock
 from ssmkit.train.metrics import MetricsLog, plot_learning_curve
+from ssmkit.train.optim import param_groups
 from ssmkit.train.schedule import SCHEDULES, lr_factor
+from ssmkit.utils import atomic_write_text, remove_stale_temps
 
 
 @dataclass
@@ -53,8 +64,10 @@ class TrainConfig:
 
     The defaults are the synthetic-task recipe measured in docs/results.md (batch 16, lr 1e-3 after 50
     warmup steps, constant until a linear decay over the last 20 % of 12000 steps: Mamba-S6 reaches ≥ 97 %
-    on default-size Selective Copying in about 5 minutes on 2 cores); ``--task lm`` has its own defaults
-    (``ssmkit.train.lm.LM_DEFAULTS``).
+    on default-size Selective Copying in about 5 minutes on 2 cores); ``ssmkit train --task lm`` has its
+    own defaults (``ssmkit.cli.train.LM_DEFAULTS``).
+
+    Invalid values raise a ValueError whose message starts with the field name and a colon.
     """
 
     steps: int = 12000
@@ -86,7 +99,7 @@ class TrainConfig:
     """Validation lengths (empty: the task's training length)."""
     eval_examples: int = 512
     """Examples per validation set."""
-    eval_chunk: int | None = None
+    eval_chunk_size: int | None = None
     """Stream validation sequences longer than this through the recurrent state (None: never)."""
     log_every: int = 10
     """Write a training-metrics line every this many steps."""
@@ -100,27 +113,78 @@ class TrainConfig:
     """Show a tqdm progress bar (rank 0)."""
 
     def __post_init__(self):
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        for name in ("steps", "batch_size", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         self.betas = tuple(self.betas)
         self.eval_lengths = [int(x) for x in self.eval_lengths]
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule: expected one of {SCHEDULES}, got {self.schedule!r}")
+        checks = [
+            ("steps", self.steps >= 1, ">= 1"),
+            ("batch_size", self.batch_size >= 1, ">= 1"),
+            ("log_every", self.log_every >= 1, ">= 1"),
+            ("eval_examples", self.eval_examples >= 1, ">= 1"),
+            ("lr", self.lr > 0, "> 0"),
+            ("ssm_lr", self.ssm_lr is None or self.ssm_lr > 0, "> 0 or None"),
+            ("weight_decay", self.weight_decay >= 0, ">= 0"),
+            ("betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "two numbers in [0, 1)"),
+            ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
+            ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "in [0, 1]"),
+            ("grad_clip", self.grad_clip >= 0, ">= 0 (0: off)"),
+            ("eval_every", self.eval_every >= 0, ">= 0 (0: only at the end)"),
+            ("eval_lengths", all(n >= 1 for n in self.eval_lengths), "lengths >= 1"),
+            ("eval_chunk_size", self.eval_chunk_size is None or self.eval_chunk_size >= 1, ">= 1 or None"),
+            ("ckpt_every", self.ckpt_every >= 0, ">= 0 (0: only at the end)"),
+            ("time_limit_s", self.time_limit_s is None or self.time_limit_s >= 0, ">= 0 or None"),
+        ]
+        for name, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"{name}: expected {expected}, got {getattr(self, name)!r}")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        """The config stored in a checkpoint header (``asdict``; older headers call eval_chunk_size
+        ``eval_chunk``)."""
+        data = dict(data)
+        if "eval_chunk" in data:
+            data["eval_chunk_size"] = data.pop("eval_chunk")
+        return cls(**data)
+
+
+class StopReason(enum.Enum):
+    """Why ``train`` returned."""
+
+    FINISHED = "finished"
+    """All ``cfg.steps`` steps ran."""
+    TIME_LIMIT = "time_limit"
+    """``cfg.time_limit_s`` ran out (rank 0's clock decides)."""
+    SIGNAL = "signal"
+    """SIGINT or SIGTERM arrived on some rank."""
 
 
 @dataclass
 class TrainResult:
     step: int
-    interrupted: bool
+    """The step reached (= the checkpoint's)."""
+    stop_reason: StopReason
     final_eval: dict
+    """{length: {"loss", "acc", "n", …}} of the last evaluation ({} when a signal stopped the run)."""
     checkpoint: Path | None
     losses: list[float]
     """Training loss of every step run in this call (global mean over scored positions)."""
+    signal: int = 0
+    """The signal that stopped the run (stop_reason SIGNAL), else 0."""
+
+    @property
+    def interrupted(self) -> bool:
+        return self.stop_reason is StopReason.SIGNAL
+
+    @property
+    def exit_code(self) -> int:
+        """0, or 128 + the signal number when a signal stopped the run (130 for SIGINT, 143 for SIGTERM)."""
+        return 128 + self.signal if self.interrupted else 0
 
 
 class _StopFlag:
-    """Sets ``requested`` on SIGINT/SIGTERM while installed (main thread only)."""
+    """Sets ``requested`` (and ``signum``) on SIGINT/SIGTERM while installed (main thread only)."""
 
     def __init__(self):
         self.requested = False
@@ -132,8 +196,6 @@ class _StopFlag:
         self.signum = signum
 
     def __enter__(self):
-        import threading
-
         if threading.current_thread() is threading.main_thread():
             for s in (signal.SIGINT, signal.SIGTERM):
                 self._old[s] = signal.signal(s, self._handler)
@@ -144,9 +206,40 @@ class _StopFlag:
             signal.signal(s, h)
 
 
-def _build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    from ssmkit.train.optim import param_groups
+@dataclass
+class _Run:
+    """What one call of :func:`train` works on (built by :func:`setup`)."""
 
+    info: D.DistInfo
+    cfg: TrainConfig
+    task: Task
+    model: torch.nn.Module
+    net: torch.nn.Module
+    """``model``, wrapped in DistributedDataParallel under torchrun."""
+    optimizer: torch.optim.AdamW
+    out: Path
+    meta: dict
+    log: MetricsLog
+    val_sets: dict[int, Batch]
+    """{length: validation set} (rank 0 only; the other ranks hold none)."""
+    per_rank: int
+    tokens_per_step: int
+    step: int = 0
+
+
+@dataclass
+class _StepResult:
+    loss: float
+    acc: float
+    lr: float
+    grad_norm: float | None
+    signal: bool
+    """Some rank received SIGINT/SIGTERM."""
+    time_up: bool
+    """Rank 0's time limit ran out."""
+
+
+def _build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     groups = param_groups(model, weight_decay=cfg.weight_decay, lr=cfg.lr, ssm_lr=cfg.ssm_lr)
     for g in groups:
         g["base_lr"] = g["lr"]
@@ -165,168 +258,249 @@ def train(
 
     Args:
         model: ``model(ids (b, l)) -> logits (b, l, V)``; built identically on every rank.
-        task: yields ``train_batch(step, b, rank, world)`` and ``validation_set(length, n)``.
+        task: a ``ssmkit.tasks.base.Task``.
         cfg: the TrainConfig.
-        out_dir: folder for checkpoint, metrics and plots.
+        out_dir: folder for checkpoint, metrics and plots (locked while training).
         resume: a checkpoint to continue from (model, optimiser, RNG, step).
         meta: JSON-serialisable description stored in checkpoints (e.g. model and task specs for
             ``ssmkit eval``).
     """
     info = D.setup(cfg.device)
+    out = Path(out_dir)
     try:
-        return _train(info, model, task, cfg, Path(out_dir), resume, meta)
+        with _locked(info, out):
+            run = setup(info, model, task, cfg, out, resume, meta)
+            return fit(run)
     finally:  # a process group left alive at interpreter exit can abort the process (gloo's threads)
         D.teardown(info)
 
 
-def _train(info, model, task, cfg, out: Path, resume, meta) -> TrainResult:
-    """The body of :func:`train` once the process group (if any) is set up."""
+@contextlib.contextmanager
+def _locked(info: D.DistInfo, out: Path):
+    """Rank 0 holds the output folder's lock and removes orphan temporary files; every rank learns (one
+    all-reduce) whether it got the lock, so that a refused run stops on every rank."""
+    with contextlib.ExitStack() as stack:
+        error: OutputLocked | None = None
+        if info.is_main:
+            try:
+                stack.enter_context(output_lock(out))
+            except OutputLocked as e:
+                error = e
+        flag = torch.tensor([0.0 if error is None else 1.0], device=info.device)
+        D.all_reduce_sum(flag, info)
+        if flag.item() > 0:
+            raise error or OutputLocked(f"--out {out}: rank 0 could not lock this folder")
+        if info.is_main:
+            remove_orphan_temps(out)
+        yield
+
+
+LEGACY_TEMPS = ("checkpoint.safetensors.*.tmp", "*.json.tmp", "*.jsonl.tmp", "*.png.tmp.png")
+"""Temporary files that earlier ssmkit versions' writes left when killed (removed like today's)."""
+
+
+def remove_orphan_temps(out: Path) -> list[Path]:
+    """Delete the temporary files killed writes left in ``out`` and ``out/model``; call under the lock."""
+    removed = remove_stale_temps(out) + remove_stale_temps(out / "model")
+    for pattern in LEGACY_TEMPS:
+        for p in out.glob(pattern):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    if removed:
+        print(f"[train] removed {len(removed)} temporary file(s) left by a killed run in {out}", flush=True)
+    return removed
+
+
+def setup(info: D.DistInfo, model, task: Task, cfg: TrainConfig, out: Path, resume, meta) -> _Run:
+    """Move the model to the device, build the optimiser, restore a checkpoint, open the metrics log and
+    draw the validation sets."""
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
     if cfg.batch_size % info.world_size:
-        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the world size {info.world_size}")
-    per_rank = cfg.batch_size // info.world_size
+        raise ValueError(
+            f"batch_size: expected a multiple of the world size {info.world_size}, got {cfg.batch_size}"
+        )
     model.to(info.device)
     optimizer = _build_optimizer(model, cfg)
     step = 0
     if resume is not None:
-        tensors, header = read_checkpoint(resume)
-        step = restore(tensors, header, model, optimizer)
+        tensors, header = ckpt.read_checkpoint(resume)
+        step = ckpt.restore(tensors, header, model, optimizer)
         for g in optimizer.param_groups:
             g["base_lr"] = g.get("base_lr", g["lr"])
-    net = DistributedDataParallel(model) if info.enabled else model
-    meta = {**(meta or {}), "train": asdict(cfg), "world_size": info.world_size}
-    ckpt_path = out / "checkpoint.safetensors"
-    log = MetricsLog(out / "metrics.jsonl", enabled=info.is_main, truncate_after=step)
-    eval_lengths = cfg.eval_lengths or [task.seq_len]
-    val_sets = {n: task.validation_set(n, cfg.eval_examples) for n in eval_lengths} if info.is_main else {}
-    tokens_per_step = cfg.batch_size * task.train_batch(0, 1).inputs.shape[1]
+    lengths = cfg.eval_lengths or [task.seq_len]
+    return _Run(
+        info=info,
+        cfg=cfg,
+        task=task,
+        model=model,
+        net=DistributedDataParallel(model) if info.enabled else model,
+        optimizer=optimizer,
+        out=out,
+        meta={**(meta or {}), "train": asdict(cfg), "world_size": info.world_size},
+        log=MetricsLog(out / "metrics.jsonl", enabled=info.is_main, truncate_after=step),
+        val_sets={n: task.validation_set(n, cfg.eval_examples) for n in lengths} if info.is_main else {},
+        per_rank=cfg.batch_size // info.world_size,
+        tokens_per_step=cfg.batch_size * task.train_batch(0, 1).inputs.shape[1],
+        step=step,
+    )
 
-    def run_eval() -> dict:
-        res = {}
-        if info.is_main:
-            for n, data in val_sets.items():
-                r = evaluate(
-                    model,
-                    data,
-                    batch_size=max(per_rank, 1),
-                    chunk_size=cfg.eval_chunk,
-                    device=info.device,
-                    autocast_bf16=cfg.bf16,
-                )
-                res[n] = r
-                log.write(
-                    {"event": "eval", "step": step, "length": n, "val_loss": r["loss"], "val_acc": r["acc"]}
-                )
-        D.barrier(info)
-        return res
 
-    def save():
-        if info.is_main:
-            save_checkpoint(ckpt_path, model, optimizer, step, meta)
-        D.barrier(info)
-
+def fit(run: _Run) -> TrainResult:
+    """Step until ``cfg.steps``, a signal or the time limit; evaluate and checkpoint on schedule; then save,
+    evaluate (unless a signal stopped the run) and write the summary."""
+    cfg, info = run.cfg, run.info
     bar = None
     if info.is_main and cfg.progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=cfg.steps, initial=step, desc=task.name, dynamic_ncols=True, mininterval=1.0)
+        bar = tqdm(total=cfg.steps, initial=run.step, desc=run.task.name, dynamic_ncols=True, mininterval=1.0)
     losses: list[float] = []
-    interrupted = stopped_by_time = False
-    last_eval: dict = {}
-    t0, tok_done = time.perf_counter(), 0
-    model.train()
+    reason, signum, last_eval = StopReason.FINISHED, 0, {}
+    t0, tokens = time.perf_counter(), 0
+    run.model.train()
     with _StopFlag() as stop:
-        while step < cfg.steps:
-            factor = lr_factor(step, cfg.schedule, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
-            for g in optimizer.param_groups:
-                g["lr"] = g["base_lr"] * factor
-            batch = task.train_batch(step, per_rank, info.rank, info.world_size).to(info.device)
-            with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                logits = net(batch.inputs)  # (b, l, V)
-            loss_sum, n_correct, n_scored = masked_loss_sums(logits, batch.targets)
-            over_time = cfg.time_limit_s is not None and time.perf_counter() - t0 > cfg.time_limit_s
-            stop_now = (
-                2.0 * stop.requested + 1.0 * over_time
-            )  # 2: signal, 1: time limit (rank 0's clock decides)
-            if not info.is_main:
-                stop_now = 2.0 * stop.requested
-            stats = torch.stack(
-                [
-                    loss_sum.detach().double(),
-                    n_correct.double(),
-                    n_scored.double(),
-                    torch.tensor(stop_now, dtype=torch.float64, device=info.device),
-                ]
-            )
-            D.all_reduce_sum(stats, info)  # (4,)
-            loss = loss_sum * (info.world_size / stats[2])  # W · S_r / N
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            gnorm = (
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                if cfg.grad_clip > 0
-                else None
-            )
-            optimizer.step()
-            step += 1
-            g_loss, g_acc = (stats[0] / stats[2]).item(), (stats[1] / stats[2]).item()
-            losses.append(g_loss)
-            tok_done += tokens_per_step
-            if not math.isfinite(g_loss):
-                raise FloatingPointError(f"training loss is {g_loss} at step {step}")
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                tps = tok_done / max(time.perf_counter() - t0, 1e-9)
-                rec = {
-                    "event": "train",
-                    "step": step,
-                    "loss": g_loss,
-                    "acc": g_acc,
-                    "lr": cfg.lr * factor,
-                    "tokens_per_s": tps,
-                    "time_s": time.perf_counter() - t0,
-                }
-                if gnorm is not None:
-                    rec["grad_norm"] = float(gnorm)
-                log.write(rec)
-                if bar is not None:
-                    bar.set_postfix(
-                        loss=f"{g_loss:.3f}", acc=f"{g_acc:.3f}", tok_s=f"{tps:,.0f}", refresh=False
-                    )
+        while run.step < cfg.steps:
+            r = train_step(run, stop, t0)
+            losses.append(r.loss)
+            tokens += run.tokens_per_step
+            if run.step % cfg.log_every == 0 or run.step == cfg.steps:
+                _log_step(run, r, tokens / max(time.perf_counter() - t0, 1e-9), time.perf_counter() - t0, bar)
             if bar is not None:
                 bar.update(1)
-            if stats[3].item() >= 2:
-                interrupted = True
+            if r.signal:
+                reason, signum = StopReason.SIGNAL, stop.signum or signal.SIGINT
                 break
-            if stats[3].item() >= 1:
-                stopped_by_time = True
+            if r.time_up:
+                reason = StopReason.TIME_LIMIT
                 break
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-                last_eval = run_eval()
+            if _due(run.step, cfg.eval_every, cfg.steps):
+                last_eval = validate(run)
                 if info.is_main:
-                    plot_learning_curve(log.path, out / "learning_curve.png")
-            if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.steps:
-                save()
+                    plot_learning_curve(run.log.path, run.out / "learning_curve.png")
+            if _due(run.step, cfg.ckpt_every, cfg.steps):
+                save_checkpoint(run)
     if bar is not None:
         bar.close()
-    save()
-    if not interrupted:
-        last_eval = run_eval()
-    summary = {
-        "step": step,
-        "interrupted": interrupted,
-        "stopped_by_time_limit": stopped_by_time,
-        "wall_s": time.perf_counter() - t0,
-        "final_eval": {str(k): v for k, v in last_eval.items()},
-        "checkpoint": str(ckpt_path),
-    }
+    path = save_checkpoint(run)
+    if reason is not StopReason.SIGNAL:
+        last_eval = validate(run)
+    result = TrainResult(run.step, reason, last_eval, path, losses, signum)
     if info.is_main:
-        plot_learning_curve(log.path, out / "learning_curve.png")
-        tmp = out / "summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2))
-        os.replace(tmp, out / "summary.json")
-        if interrupted:
-            print(f"\nInterrupted at step {step}; checkpoint saved to {ckpt_path} (continue with --resume).")
-    return TrainResult(
-        step=step, interrupted=interrupted, final_eval=last_eval, checkpoint=ckpt_path, losses=losses
+        _write_summary(run, result, time.perf_counter() - t0)
+    return result
+
+
+def _due(step: int, every: int, total: int) -> bool:
+    """Whether a periodic action (every ``every`` steps, 0: never) falls on ``step`` before the last."""
+    return every > 0 and step % every == 0 and step < total
+
+
+def train_step(run: _Run, stop: _StopFlag, t0: float) -> _StepResult:
+    """One optimiser step on the global batch of ``run.step`` (see the module docstring); advances it."""
+    cfg, info, optimizer = run.cfg, run.info, run.optimizer
+    factor = lr_factor(run.step, cfg.schedule, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
+    for g in optimizer.param_groups:
+        g["lr"] = g["base_lr"] * factor
+    batch = run.task.train_batch(run.step, run.per_rank, info.rank, info.world_size).to(info.device)
+    with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+        logits = run.net(batch.inputs)  # (b, l, V)
+    loss_sum, n_correct, n_scored = masked_loss_sums(logits, batch.targets)
+    time_up = info.is_main and cfg.time_limit_s is not None and time.perf_counter() - t0 > cfg.time_limit_s
+    flags = [float(stop.requested), float(time_up)]
+    stats = torch.tensor([0.0, 0.0, 0.0, *flags], dtype=torch.float64, device=info.device)  # (5,)
+    stats[:3] = torch.stack([loss_sum.detach().double(), n_correct.double(), n_scored.double()])
+    D.all_reduce_sum(stats, info)  # (5,) S, #correct, N, #ranks signalled, time up
+    loss = loss_sum * (info.world_size / stats[2])  # W · S_r / N
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    gnorm = (
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
     )
+    optimizer.step()
+    run.step += 1
+    g_loss, g_acc = (stats[0] / stats[2]).item(), (stats[1] / stats[2]).item()
+    if not math.isfinite(g_loss):
+        raise FloatingPointError(f"training loss is {g_loss} at step {run.step}")
+    return _StepResult(
+        loss=g_loss,
+        acc=g_acc,
+        lr=cfg.lr * factor,
+        grad_norm=None if gnorm is None else float(gnorm),
+        signal=stats[3].item() > 0,
+        time_up=stats[4].item() > 0,
+    )
+
+
+def _log_step(run: _Run, r: _StepResult, tokens_per_s: float, elapsed: float, bar) -> None:
+    rec = {
+        "event": "train",
+        "step": run.step,
+        "loss": r.loss,
+        "acc": r.acc,
+        "lr": r.lr,
+        "tokens_per_s": tokens_per_s,
+        "time_s": elapsed,
+    }
+    if r.grad_norm is not None:
+        rec["grad_norm"] = r.grad_norm
+    run.log.write(rec)
+    if bar is not None:
+        bar.set_postfix(loss=f"{r.loss:.3f}", acc=f"{r.acc:.3f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+
+
+def validate(run: _Run) -> dict:
+    """Evaluate every validation set on rank 0 (streamed in chunks of ``cfg.eval_chunk_size``) and log one
+    "eval" record per length, with the task's extra metrics; returns {length: result}."""
+    res = {}
+    if run.info.is_main:
+        for n, data in run.val_sets.items():
+            r = evaluate(
+                run.model,
+                data,
+                batch_size=max(run.per_rank, 1),
+                chunk_size=run.cfg.eval_chunk_size,
+                device=run.info.device,
+                autocast_bf16=run.cfg.bf16,
+            )
+            extra = run.task.eval_metrics(r["loss"])
+            res[n] = {**r, **extra}
+            record = {
+                "event": "eval",
+                "step": run.step,
+                "length": n,
+                "val_loss": r["loss"],
+                "val_acc": r["acc"],
+            }
+            run.log.write({**record, **extra})
+    D.barrier(run.info)
+    return res
+
+
+def save_checkpoint(run: _Run) -> Path:
+    """Rank 0 writes the checkpoint (atomically); every rank waits for it."""
+    path = run.out / "checkpoint.safetensors"
+    if run.info.is_main:
+        ckpt.save_checkpoint(path, run.model, run.optimizer, run.step, run.meta)
+    D.barrier(run.info)
+    return path
+
+
+def _write_summary(run: _Run, result: TrainResult, wall_s: float) -> None:
+    summary = {
+        "step": result.step,
+        "interrupted": result.interrupted,
+        "stopped_by_time_limit": result.stop_reason is StopReason.TIME_LIMIT,
+        "stop_reason": result.stop_reason.value,
+        "wall_s": wall_s,
+        "final_eval": {str(k): v for k, v in result.final_eval.items()},
+        "checkpoint": str(result.checkpoint),
+    }
+    plot_learning_curve(run.log.path, run.out / "learning_curve.png")
+    atomic_write_text(run.out / "summary.json", json.dumps(summary, indent=2))
+    if result.interrupted:
+        print(
+            f"\nInterrupted at step {result.step}; checkpoint saved to {result.checkpoint} "
+            "(continue with --resume).",
+            flush=True,
+        )
