@@ -1,6 +1,7 @@
-"""S4 (DPLR, bilinear, Cauchy + Woodbury kernel): kernel vs brute-force powers of the full discretised
-matrix (numpy, float64), vs the real HiPPO-LegS system discretised by scipy, length doubling of C̃,
-conv == recurrence, state passing, gradients."""
+"""S4 (DPLR, bilinear, Cauchy + Woodbury kernel, O(n) Woodbury step): kernel vs brute-force powers of the
+full discretised matrix (numpy, float64) and vs ``lti.kernel``; vs the real HiPPO-LegS system
+discretised by scipy; length doubling of C̃; the DPLR step vs the dense recurrence (``lti.recurrent``);
+one forward == chunked forwards == a loop of step (the state protocol); gradients; empty dims."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import pytest
 import torch
 from scipy.signal import cont2discrete
 
-from ssmkit.layers.s4 import S4
+from ssmkit.layers.s4 import S4, conj_complete
+from ssmkit.layers.s4d import LTIState, complex_dtype
+from ssmkit.lti import kernel, recurrent
 
 LENGTHS = (1, 7, 64, 100)
 
@@ -124,52 +127,138 @@ def test_kernel_equals_real_hippo_legs_system(d_state):
         assert rel_err(K[h], np.array(ref)) <= 1e-9
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def perturb(layer: torch.nn.Module, scale: float = 0.05, seed: int = 7) -> None:
+    """Move every parameter off its initialisation (parity tests must not rely on init structure)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype))
+
+
+def steps(layer, x: torch.Tensor, state: LTIState) -> torch.Tensor:
+    """A loop of ``step`` over (b, l, d) -> (b, l, d); ``state`` ends after the last input."""
+    return torch.stack([layer.step(x[:, t], state) for t in range(x.shape[1])], 1)
+
+
+def dense_reference(layer: S4, x: torch.Tensor, h0: torch.Tensor):
+    """The slow twin: ``lti.recurrent`` on the dense Ā (d, n, n), B̄ and the true C, over the completed
+    n states -> (y (b, l, d), h_last (b, d, n/2))."""
+    with torch.no_grad():
+        Ab, Bb = layer.dense()  # (d, n, n), (d, n)
+        C = conj_complete(layer.true_C())  # (d, n)
+        D = layer.D.to(Ab.dtype)  # (d,)
+        u = x.transpose(1, 2).to(Ab.dtype)[..., None]  # (b, d, l, 1)
+        y, last = recurrent(Ab, Bb[..., None], C[:, None, :], D[:, None, None], u, conj_complete(h0))
+    return y[..., 0].real.transpose(1, 2), last[..., : h0.shape[-1]]  # (b, l, d), (b, d, n/2)
+
+
+@pytest.mark.parametrize("tuned", [False, True])
+@pytest.mark.parametrize("d_state", [2, 8, 64])
+def test_dplr_step_equals_dense_step(tuned, d_state):
+    """The O(n) Woodbury step == the dense N×N recurrence (lti.recurrent), float64, 1e-12."""
+    torch.manual_seed(8)
+    layer = S4(3, d_state, dtype=torch.float64)
+    perturb(layer)
+    if tuned:
+        layer.kernel(16)  # C now holds C̃: step must recover the true C
+    x = torch.randn(2, 11, 3, dtype=torch.float64)
+    h0 = 0.3 * torch.randn(2, 3, d_state // 2, dtype=torch.complex128)
+    y_ref, h_ref = dense_reference(layer, x, h0)
+    state = LTIState(h0.clone())
+    with torch.no_grad():
+        y = steps(layer, x, state)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(state.h, h_ref, rtol=1e-12, atol=1e-12)
+
+
+def test_step_never_builds_the_dense_matrix(monkeypatch):
+    """With C untuned (or its true C cached), a step touches only n-vectors: no dense A, no solve."""
+    import ssmkit.layers.s4 as s4
+
+    layer = S4(2, 8, dtype=torch.float64)
+    state = layer.new_state(1)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("step built a dense matrix")
+
+    monkeypatch.setattr(s4, "dplr_dense", forbidden)
+    monkeypatch.setattr(s4, "discretize_dense", forbidden)
+    with torch.no_grad():
+        for _ in range(3):
+            layer.step(torch.randn(1, 2, dtype=torch.float64), state)
+
+
+def test_kernel_cauchy_equals_lti_kernel_on_the_dense_system():
+    """The Cauchy/Woodbury kernel against its slow twin, ``lti.kernel`` (Krylov by repeated squaring) on
+    the dense Ā, B̄ and true C."""
+    torch.manual_seed(9)
+    layer = S4(3, 16, dtype=torch.float64)
+    perturb(layer)
+    K = layer.kernel(50)  # (d, 50)
+    with torch.no_grad():
+        Ab, Bb = layer.dense()
+        C = conj_complete(layer.true_C())
+        K_ref = kernel(Ab, Bb[..., None], C[:, None, :], 50)[..., 0, 0].real  # (d, 50)
+    torch.testing.assert_close(K, K_ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
 @pytest.mark.parametrize("first", ["forward", "step"])
-def test_conv_equals_steps(dtype, first):
-    """Forward (Cauchy kernel + FFT) == L dense recurrent steps, whether C̃ was tuned before or after."""
+def test_forward_chunks_and_steps_agree(dtype, tol, first):
+    """One forward == chunked forwards with one state == a loop of step == the dense reference, outputs
+    and final state, from a non-zero state; whether C̃ was tuned before or after the steps."""
     torch.manual_seed(4)
     layer = S4(3, 16, dtype=dtype)
+    perturb(layer)
     x = torch.randn(2, 29, 3, dtype=dtype)
+    h0 = 0.3 * torch.randn(2, 3, 8, dtype=complex_dtype(dtype))
     with torch.no_grad():
+        stepped = LTIState(h0.clone())
         if first == "forward":
-            y, last = layer(x, return_state=True)
-        state, ys = layer.new_state(2), []
-        for t in range(x.shape[1]):
-            y_t, state = layer.step(x[:, t], state)
-            ys.append(y_t)
+            full = LTIState(h0.clone())
+            y = layer(x, full)
+        y_steps = steps(layer, x, stepped)
         if first == "step":
-            y, last = layer(x, return_state=True)
-    torch.testing.assert_close(torch.stack(ys, 1), y, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(state, last, rtol=1e-5, atol=1e-5)
+            full = LTIState(h0.clone())
+            y = layer(x, full)
+        chunked = LTIState(h0.clone())
+        y_chunks = torch.cat([layer(x[:, a:e], chunked) for a, e in [(0, 1), (1, 12), (12, 12), (12, 29)]], 1)
+    y_ref, h_ref = dense_reference(layer, x.double() if dtype == torch.float64 else x, h0)
+    for out, st in [(y, full), (y_chunks, chunked), (y_steps, stepped)]:
+        assert out.dtype == dtype and st.h.dtype == complex_dtype(dtype)
+        torch.testing.assert_close(out, y_ref.to(dtype), rtol=tol, atol=tol)
+        torch.testing.assert_close(st.h, h_ref.to(st.h.dtype), rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("split", [1, 12, 28])
-def test_state_passing(split):
+def test_state_is_replaced_not_modified_and_carries_gradient():
     torch.manual_seed(5)
-    layer = S4(3, 8, dtype=torch.float64)
-    x = torch.randn(2, 29, 3, dtype=torch.float64)
-    with torch.no_grad():
-        y, last = layer(x, return_state=True)
-        y1, s1 = layer(x[:, :split], return_state=True)
-        y2, s2 = layer(x[:, split:], state=s1, return_state=True)
-    torch.testing.assert_close(torch.cat([y1, y2], 1), y, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(s2, last, rtol=1e-10, atol=1e-10)
+    layer = S4(3, 8)
+    x = torch.randn(2, 10, 3)
+    h0 = torch.randn(2, 3, 4, dtype=torch.complex64, requires_grad=True)
+    state = LTIState(h0)
+    y = layer(x[:, :6], state)
+    h_mid = state.h
+    assert h_mid is not h0 and h_mid.grad_fn is not None
+    y2 = layer.step(x[:, 6], state)
+    assert state.h is not h_mid
+    (y.square().sum() + y2.square().sum() + state.h.abs().square().sum()).backward()
+    assert h0.grad is not None and h0.grad.abs().sum() > 0
 
 
 def test_gradients_reach_every_parameter():
     torch.manual_seed(6)
     layer = S4(3, 8)
     x = torch.randn(2, 20, 3)
-    s0 = torch.randn(2, 3, 4, dtype=torch.complex64)
-    y, s = layer(x, state=s0, return_state=True)
-    (y.square().sum() + s.abs().square().sum()).backward()
+    state = LTIState(torch.randn(2, 3, 4, dtype=torch.complex64))
+    y = layer(x, state)
+    (y.square().sum() + state.h.abs().square().sum()).backward()
     for name, p in layer.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
     # the step path is differentiable too
     layer.zero_grad()
-    y_t, s = layer.step(x[:, 0], s0)
-    (y_t.square().sum() + s.abs().square().sum()).backward()
+    state.h = state.h.detach()
+    y_t = layer.step(x[:, 0], state)
+    (y_t.square().sum() + state.h.abs().square().sum()).backward()
     assert all(p.grad is not None for p in layer.parameters())
 
 
@@ -179,10 +268,28 @@ def test_ssm_parameters_are_tagged_and_bad_arguments():
     assert tagged == {"log_dt", "Lambda_log_re", "Lambda_im", "P", "B"}
     with pytest.raises(ValueError, match="d_state"):
         S4(2, 3)
-    with pytest.raises(ValueError, match=r"\(b, l, h=2\)"):
+    with pytest.raises(ValueError, match=r"\(b, l, d=2\)"):
         layer(torch.randn(1, 5, 4))
     with pytest.raises(ValueError, match="x_t"):
         layer.step(torch.randn(1, 3), layer.new_state(1))
+    with pytest.raises(ValueError, match="state must be an LTIState"):
+        layer(torch.randn(1, 5, 2), torch.zeros(1, 2, 2, dtype=torch.complex64))
+    with pytest.raises(ValueError, match="x must be a floating-point tensor"):
+        layer(torch.ones(1, 5, 2, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("b,l", [(0, 5), (2, 0), (0, 0)])
+def test_empty_batch_or_length_gives_empty_output_and_keeps_the_state(b, l):
+    layer = S4(3, 8, dtype=torch.float64)
+    x = torch.randn(b, l, 3, dtype=torch.float64)
+    assert layer(x).shape == (b, l, 3)
+    state = layer.new_state(b)
+    state.h = torch.randn(b, 3, 4, dtype=torch.complex128)
+    before = state.h
+    y = layer(x, state)
+    assert y.shape == (b, l, 3) and y.dtype == torch.float64 and state.h is before
+    if b == 0:
+        assert layer.step(torch.zeros(0, 3, dtype=torch.float64), state).shape == (0, 3)
 
 
 def test_demo_section_writes_the_kernel_plot(tmp_path):
