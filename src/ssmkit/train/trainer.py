@@ -304,8 +304,9 @@ def remove_orphan_temps(out: Path) -> list[Path]:
     removed = remove_stale_temps(out) + remove_stale_temps(out / "model")
     for pattern in LEGACY_TEMPS:
         for p in out.glob(pattern):
-            p.unlink(missing_ok=True)
-            removed.append(p)
+            if p.is_file():
+                p.unlink(missing_ok=True)
+                removed.append(p)
     if removed:
         print(f"[train] removed {len(removed)} temporary file(s) left by a killed run in {out}", flush=True)
     return removed
