@@ -209,3 +209,50 @@ def test_bad_arguments(model, kwargs, match):
         model.generate(torch.tensor([[1, 2]]), **args)
     with pytest.raises(ValueError, match="vocab_size"):
         model.generate(torch.tensor([[1, 200]]), 3)
+
+
+# ------------------------------------------------------------------------------ prompts of any lengths
+def _lm():
+    torch.manual_seed(3)
+    return MambaLM(MambaConfig(d_model=16, n_layer=2, vocab_size=30, d_state=4)).double().eval()
+
+
+def test_ragged_prompts_give_exactly_the_tokens_of_each_prompt_alone():
+    model = _lm()
+    prompts = [[1, 2], [3, 4, 5, 6, 7], torch.tensor([8, 9, 10, 11, 12, 13, 14, 15, 16])]
+    alone = [model.generate(torch.as_tensor(p).reshape(1, -1), 6, temperature=0)[0] for p in prompts]
+    together = model.generate(prompts, 6, temperature=0)
+    assert [t.tolist() for t in together] == [a.tolist() for a in alone]
+    # a row that emits eos leaves the batch; the others go on exactly as alone
+    eos = int(alone[1][5 + 2])  # the third token generated for prompt 1
+    expected = []
+    for p, a in zip(prompts, alone, strict=True):
+        gen = a[len(p) :].tolist()
+        expected.append(a[: len(p) + (gen.index(eos) + 1 if eos in gen else len(gen))].tolist())
+    together_eos = model.generate(prompts, 6, temperature=0, eos_token_id=eos)
+    assert [t.tolist() for t in together_eos] == expected
+    assert len(expected[1]) <= 5 + 3 and expected[1][-1] == eos
+
+
+def test_ragged_sampling_with_one_generator_per_prompt_is_reproducible_per_row():
+    model = _lm()
+    prompts = [[1, 2, 3], [4]]
+    gens = lambda: [torch.Generator().manual_seed(s) for s in (11, 12)]  # noqa: E731
+    together = model.generate(prompts, 5, temperature=0.9, top_k=10, generator=gens())
+    for p, seed, t in zip(prompts, (11, 12), together, strict=True):
+        alone = model.generate(
+            torch.tensor([p]), 5, temperature=0.9, top_k=10, generator=torch.Generator().manual_seed(seed)
+        )[0]
+        assert t.tolist() == alone.tolist()
+
+
+def test_ragged_bad_arguments():
+    model = _lm()
+    with pytest.raises(ValueError, match="empty"):
+        model.generate([], 3)
+    with pytest.raises(ValueError, match="prompt 1: input_ids must lie in"):
+        model.generate([[1], [99]], 3)
+    with pytest.raises(ValueError, match="2 generators for 1 prompts"):
+        model.generate([[1]], 3, generator=[torch.Generator(), torch.Generator()])
+    with pytest.raises(ValueError, match="list of prompts"):
+        model.generate(torch.tensor([[1]]), 3, generator=[torch.Generator()])

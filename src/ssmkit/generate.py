@@ -17,7 +17,8 @@ Removed tokens get logit −inf; the next token is drawn with ``torch.multinomia
 ``torch.Generator`` (so a seed fixes the output). Padded vocabulary rows (ids >= config.vocab_size) are
 never produced. Decoding: one prefill call on the whole prompt, then one call per new token, all through
 ``model(ids, cache=cache)``. Rows that emitted ``eos_token_id`` keep emitting it; the loop stops early
-once every row has finished.
+once every row has finished. A list of prompts of different lengths is prefilled row by row, then
+decoded as one batch (``cache.cat``), each finished row leaving it at once (``cache.select``).
 
 Glossary: b batch, v vocabulary, θ repetition penalty, T temperature.
 """
@@ -159,7 +160,7 @@ def check_num_last_tokens(num_last_tokens: int) -> None:
 @torch.no_grad()
 def generate(
     model,
-    input_ids: Tensor,
+    input_ids: Tensor | list,
     max_new_tokens: int,
     temperature: float = 1.0,
     top_k: int = 0,
@@ -167,25 +168,36 @@ def generate(
     min_p: float = 0.0,
     repetition_penalty: float = 1.0,
     eos_token_id: int | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
     streamer: Callable[[Tensor], None] | None = None,
-) -> Tensor:
-    """Generate up to ``max_new_tokens`` tokens after equal-length prompts ``input_ids`` (b, l).
+) -> Tensor | list[Tensor]:
+    """Generate up to ``max_new_tokens`` tokens after each prompt.
 
     Args:
         model: speaks the state protocol — ``config.vocab_size``, ``new_cache(b)`` and
             ``model(ids, cache=, num_last_tokens=)`` (:class:`ssmkit.MambaLM`, ``TransformerLM``).
-        input_ids: (b, l) long prompt ids (all rows the same length; no padding).
+        input_ids: a (b, l) long tensor of equal-length prompts, or a list of prompts of any lengths
+            (each a list of ids or a 1-D tensor): each is prefilled on its own tokens, then all are
+            decoded together, and a row that emits ``eos_token_id`` leaves the batch at once.
         max_new_tokens: number of tokens to add (fewer if every row emits ``eos_token_id``).
         temperature, top_k, top_p, min_p, repetition_penalty: see the module docstring.
-        eos_token_id: finished rows keep emitting it; generation stops when all rows finished.
-        generator: torch.Generator for the draws (seed it for reproducible output).
-        streamer: called after each step with the new tokens (b,) long.
+        eos_token_id: the token that ends a row (a tensor batch keeps emitting it in finished rows).
+        generator: torch.Generator for the draws (seed it for reproducible output); for a list of prompts
+            also a list with one generator per prompt, so that each row's text is what it would be alone.
+        streamer: called after each step with the new tokens (b,) long (tensor batches only).
     Returns:
-        (b, l + k) long: the prompt followed by the k <= max_new_tokens generated tokens.
+        for a tensor, (b, l + k) long: the prompts followed by the k <= max_new_tokens generated tokens;
+        for a list, one 1-D long tensor per prompt: the prompt followed by its generated tokens.
     """
     vocab = model.config.vocab_size
     _check_args(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, eos_token_id, vocab)
+    if isinstance(input_ids, (list, tuple)):
+        if streamer is not None:
+            raise ValueError("streamer is only supported for a (b, l) tensor of equal-length prompts")
+        sampling = (temperature, top_k, top_p, min_p, repetition_penalty)
+        return _generate_ragged(model, input_ids, max_new_tokens, sampling, eos_token_id, generator)
+    if isinstance(generator, (list, tuple)):
+        raise ValueError("a list of generators needs a list of prompts (one generator per prompt)")
     check_input_ids(input_ids, vocab)
     sequences = input_ids.to(torch.long)  # (b, l)
     if max_new_tokens == 0:
@@ -208,6 +220,55 @@ def generate(
             break
         logits = model(token[:, None], cache=cache)[:, -1, :vocab]  # (b, v) one-token decode
     return sequences
+
+
+def _generate_ragged(model, prompts, max_new_tokens, sampling, eos_token_id, generator) -> list[Tensor]:
+    """Prompts of different lengths: prefill each alone, batch their caches, decode together.
+
+    The caches are joined with ``cache.cat`` and finished rows dropped with ``cache.select`` (the cache
+    protocol of ``ssmkit.models.cache.Cache``); every row is sampled from its own logits and its own ids,
+    so greedy decoding gives exactly the tokens of each prompt generated alone.
+    """
+    vocab = model.config.vocab_size
+    if len(prompts) == 0:
+        raise ValueError("input_ids: the list of prompts is empty")
+    rows = []
+    for i, p in enumerate(prompts):
+        t = torch.as_tensor(p).reshape(1, -1)
+        try:
+            check_input_ids(t, vocab)
+        except ValueError as e:
+            raise ValueError(f"prompt {i}: {e}") from None
+        rows.append(t.to(torch.long))  # (1, l_i)
+    gens = list(generator) if isinstance(generator, (list, tuple)) else [generator] * len(rows)
+    if len(gens) != len(rows):
+        raise ValueError(f"generator: got {len(gens)} generators for {len(rows)} prompts")
+    if max_new_tokens == 0:
+        return [r[0] for r in rows]
+    caches, logits = [], []
+    for r in rows:  # prefill: each row on its own tokens only
+        c = model.new_cache(1)
+        logits.append(model(r, cache=c, num_last_tokens=1)[:, -1, :vocab])  # (1, v)
+        caches.append(c)
+    cache, logits = caches[0].cat(caches), torch.cat(logits)  # batch of all rows; (b, v)
+    active = list(range(len(rows)))  # prompt index of each batch row
+    for step in range(max_new_tokens):
+        tokens = torch.cat(
+            [
+                sample_next(logits[j : j + 1], rows[i], *sampling, generator=gens[i])
+                for j, i in enumerate(active)
+            ]
+        )  # (b,)
+        for j, i in enumerate(active):
+            rows[i] = torch.cat([rows[i], tokens[j : j + 1, None]], dim=1)  # (1, l_i + step + 1)
+        keep = [j for j, i in enumerate(active) if eos_token_id is None or int(tokens[j]) != eos_token_id]
+        if step == max_new_tokens - 1 or not keep:
+            break
+        if len(keep) < len(active):  # finished rows leave the batch, their state is freed
+            cache, tokens = cache.select(keep), tokens[keep]
+            active = [active[j] for j in keep]
+        logits = model(tokens[:, None], cache=cache)[:, -1, :vocab]  # (b, v) one-token decode
+    return [r[0] for r in rows]
 
 
 class GenerationMixin:
