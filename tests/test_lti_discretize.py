@@ -53,13 +53,13 @@ def test_dense_matches_scipy(method, alpha, dt):
 
 @pytest.mark.parametrize("method,alpha", CASES)
 def test_batched_dense_one_dt_per_channel(method, alpha):
-    h, n, p = 3, 4, 2
-    A = torch.stack([stable_dense(n, seed=s) for s in range(h)])  # (h, n, n)
-    B = torch.randn(h, n, p, dtype=torch.float64)
+    d, n, p = 3, 4, 2
+    A = torch.stack([stable_dense(n, seed=s) for s in range(d)])  # (d, n, n)
+    B = torch.randn(d, n, p, dtype=torch.float64)
     dt = torch.tensor([0.01, 0.1, 0.5], dtype=torch.float64)
     Ab, Bb = discretize(A, B, dt, method, alpha)
-    assert Ab.shape == (h, n, n) and Bb.shape == (h, n, p)
-    for i in range(h):
+    assert Ab.shape == (d, n, n) and Bb.shape == (d, n, p)
+    for i in range(d):
         Ad, Bd = scipy_disc(A[i].numpy(), B[i].numpy(), float(dt[i]), method, alpha)
         torch.testing.assert_close(Ab[i], torch.from_numpy(Ad), **F64)
         torch.testing.assert_close(Bb[i], torch.from_numpy(Bd), **F64)
@@ -68,19 +68,19 @@ def test_batched_dense_one_dt_per_channel(method, alpha):
 @pytest.mark.parametrize("method,alpha", CASES)
 @pytest.mark.parametrize("siso", [True, False])
 def test_diagonal_real_matches_scipy(method, alpha, siso):
-    """Diagonal A (h, n), one Δ per channel; each channel equals scipy on diag(A_h)."""
-    h, n, p = 3, 6, 2
+    """Diagonal A (d, n), one Δ per channel; each channel equals scipy on its own diagonal A."""
+    d, n, p = 3, 6, 2
     g = torch.Generator().manual_seed(3)
-    A = -torch.rand(h, n, generator=g, dtype=torch.float64) * 5 - 0.1  # (h, n)
+    A = -torch.rand(d, n, generator=g, dtype=torch.float64) * 5 - 0.1  # (d, n)
     B = (
-        torch.randn(h, n, generator=g, dtype=torch.float64)
+        torch.randn(d, n, generator=g, dtype=torch.float64)
         if siso
-        else torch.randn(h, n, p, dtype=torch.float64)
+        else torch.randn(d, n, p, dtype=torch.float64)
     )
     dt = torch.tensor([0.02, 0.2, 1.0], dtype=torch.float64)
     Ab, Bb = discretize(A, B, dt, method, alpha)
-    assert Ab.shape == (h, n) and Bb.shape == B.shape
-    for i in range(h):
+    assert Ab.shape == (d, n) and Bb.shape == B.shape
+    for i in range(d):
         Bi = B[i][:, None] if siso else B[i]
         Ad, Bd = scipy_disc(np.diag(A[i].numpy()), Bi.numpy(), float(dt[i]), method, alpha)
         torch.testing.assert_close(Ab[i], torch.from_numpy(np.diag(Ad).copy()), **F64)

@@ -30,33 +30,33 @@ STRUCTURES = ["dense_mimo", "dense_siso", "diag_mimo", "diag_siso"]
 
 
 def random_system(structure: str, seed: int = 0):
-    """A random stable discrete system (spectral radius 0.97) with batch dims: channels h = 2, batch b = 3.
+    """A random stable discrete system (spectral radius 0.97) with batch dims: channels d = 2, batch b = 3.
 
     Returns (Ab, Bb, C, D, u_fn) where u_fn(l) makes an input of length l.
     """
     g = torch.Generator().manual_seed(seed)
-    h, n, p, q, b = 2, 5, 2, 3, 3
+    d, n, p, q, b = 2, 5, 2, 3, 3
     f64 = dict(generator=g, dtype=torch.float64)
     if structure.startswith("dense"):
         p, q = (2, 3) if structure == "dense_mimo" else (1, 1)
-        M = torch.randn(h, n, n, **f64)  # (h, n, n)
-        rho = torch.linalg.eigvals(M).abs().amax(-1)  # (h,)
-        Ab = 0.97 * M / rho[:, None, None]  # (h, n, n)
+        M = torch.randn(d, n, n, **f64)  # (d, n, n)
+        rho = torch.linalg.eigvals(M).abs().amax(-1)  # (d,)
+        Ab = 0.97 * M / rho[:, None, None]  # (d, n, n)
     else:
-        radius = 0.5 + 0.47 * torch.rand(h, n, **f64)  # (h, n)
-        angle = math.pi * torch.rand(h, n, **f64)  # (h, n)
-        Ab = torch.polar(radius, angle)  # (h, n) complex
+        radius = 0.5 + 0.47 * torch.rand(d, n, **f64)  # (d, n)
+        angle = math.pi * torch.rand(d, n, **f64)  # (d, n)
+        Ab = torch.polar(radius, angle)  # (d, n) complex
     cplx = lambda *s: torch.complex(torch.randn(*s, **f64), torch.randn(*s, **f64))
     real = lambda *s: torch.randn(*s, **f64)
     if structure == "diag_siso":
-        Bb, C, D = cplx(h, n), cplx(h, n), real(h)
-        u_fn = lambda l: torch.randn(b, h, l, **f64)  # (b, h, l)
+        Bb, C, D = cplx(d, n), cplx(d, n), real(d)
+        u_fn = lambda l: torch.randn(b, d, l, **f64)  # (b, d, l)
     elif structure == "diag_mimo":
-        Bb, C, D = cplx(h, n, p), cplx(h, q, n), real(h, q, p)
-        u_fn = lambda l: torch.randn(b, h, l, p, **f64)  # (b, h, l, p)
+        Bb, C, D = cplx(d, n, p), cplx(d, q, n), real(d, q, p)
+        u_fn = lambda l: torch.randn(b, d, l, p, **f64)  # (b, d, l, p)
     else:
-        Bb, C, D = real(h, n, p), real(h, q, n), real(h, q, p)
-        u_fn = lambda l: torch.randn(b, h, l, p, **f64)  # (b, h, l, p)
+        Bb, C, D = real(d, n, p), real(d, q, n), real(d, q, p)
+        u_fn = lambda l: torch.randn(b, d, l, p, **f64)  # (b, d, l, p)
     return Ab, Bb, C, D, u_fn
 
 
@@ -72,11 +72,11 @@ def loop_reference(structure, Ab, Bb, C, D, u, state=None):
     ys = []
     for k in range(l):
         if siso:
-            uk = u[..., k]  # (b, h)
+            uk = u[..., k]  # (b, d)
             x = Ab * x + Bb * uk[..., None]
             ys.append((C * x).sum(-1) + D * uk)
         else:
-            uk = u[..., k, :]  # (b, h, p)
+            uk = u[..., k, :]  # (b, d, p)
             Ax = (Ab @ x[..., None])[..., 0] if structure.startswith("dense") else Ab * x
             x = Ax + (Bb @ uk[..., None])[..., 0]
             ys.append((C @ x[..., None])[..., 0] + (D @ uk[..., None])[..., 0])
@@ -124,7 +124,7 @@ def test_three_modes_agree(l, structure, dtype):
 def test_initial_state(structure):
     Ab, Bb, C, D, u_fn = random_system(structure, seed=5)
     u = u_fn(9)
-    state = torch.randn(Ab.shape[0], Ab.shape[-1], dtype=torch.float64).to(Ab.dtype)  # (h, n)
+    state = torch.randn(Ab.shape[0], Ab.shape[-1], dtype=torch.float64).to(Ab.dtype)  # (d, n)
     y_ref, x_ref = loop_reference(structure, Ab, Bb, C, D, u, state)
     y_ref = to_real_if_possible(y_ref, C)
     for fn in (recurrent, scan_system):
@@ -151,7 +151,7 @@ def test_kernel_dense_equals_matrix_powers(length):
     if length:
         torch.testing.assert_close(K, torch.stack(ref, dim=1), rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(kernel_sequential(Ab, Bb, C, length), K, rtol=1e-10, atol=1e-12)
-    X = krylov(Ab, Bb, length)  # (h, L, n, p)
+    X = krylov(Ab, Bb, length)  # (d, L, n, p)
     for k in range(length):
         torch.testing.assert_close(X[:, k], torch.linalg.matrix_power(Ab, k) @ Bb, rtol=1e-10, atol=1e-12)
 
@@ -160,11 +160,11 @@ def test_kernel_dense_equals_matrix_powers(length):
 def test_kernel_vandermonde_equals_dense(length):
     """Diagonal Ā through the Vandermonde path == the same system as a dense diag_embed(Ā) through Krylov."""
     Ab, Bb, C, _, _ = random_system("diag_mimo", seed=2)
-    K_v = kernel_vandermonde(Ab, Bb, C, length)  # (h, L, q, p)
-    K_d = kernel_dense(torch.diag_embed(Ab), Bb, C, length)  # (h, L, q, p)
+    K_v = kernel_vandermonde(Ab, Bb, C, length)  # (d, L, q, p)
+    K_d = kernel_dense(torch.diag_embed(Ab), Bb, C, length)  # (d, L, q, p)
     torch.testing.assert_close(K_v, K_d, rtol=1e-10, atol=1e-12)
     Ab, Bb, C, _, _ = random_system("diag_siso", seed=3)
-    K_s = kernel(Ab, Bb, C, length)  # (h, L)
+    K_s = kernel(Ab, Bb, C, length)  # (d, L)
     ref = torch.stack([(C * Ab**k * Bb).sum(-1) for k in range(length)], dim=-1)
     torch.testing.assert_close(K_s, ref, rtol=1e-10, atol=1e-12)
 
