@@ -19,6 +19,7 @@ import torch
 
 from ssmkit.tasks.base import masked_loss_sums
 from ssmkit.train.build import build_model, build_task, sequence_model_spec, task_spec
+from ssmkit.utils import parse_list
 
 
 def median_time(fn, repeats: int, warmup: int = 3) -> float:
@@ -59,7 +60,7 @@ def main() -> None:
     def streamed_forward():
         model(ids, cache=model.new_cache(ids.shape[0]))
 
-    for th in [int(t) for t in args.threads.split(",")]:
+    for th in parse_list(args.threads, int, "--threads"):
         torch.set_num_threads(th)
         step = median_time(train_step, args.repeats)
         fwd = median_time(streamed_forward, max(3, args.repeats // 10), warmup=1)

@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from ssmkit.utils import atomic_write_text, parse_list
+
 PAPER = {  # Gu & Dao (2023) Table 1, accuracy (%); S4 = the LTI layer (we run S4D and, optionally, S4)
     ("none", "s4"): 18.3,
     ("none", "s6"): 97.0,
@@ -142,7 +144,8 @@ def main() -> int:
             64,
         )
         args.warmup_steps = 0
-    cells = [(a, layer) for a in args.archs.split(",") for layer in args.layers.split(",")]
+    archs, layers = parse_list(args.archs, str, "--archs"), parse_list(args.layers, str, "--layers")
+    cells = [(a, layer) for a in archs for layer in layers]
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.collect_only:
         pending = [c for c in cells if done_steps(args.out / f"{c[0]}-{c[1]}") < args.steps]
@@ -219,9 +222,10 @@ def main() -> int:
             f"{r.get('first_step_97') or '–'} | {r.get('wall_s', 0):.0f} | {paper_txt} |"
         )
     table = "\n".join(lines)
-    (args.out / "table1.md").write_text(table + "\n")
-    (args.out / "table1.json").write_text(
-        json.dumps({"args": vars(args) | {"out": str(args.out)}, "rows": rows}, indent=2)
+    atomic_write_text(args.out / "table1.md", table + "\n")
+    atomic_write_text(
+        args.out / "table1.json",
+        json.dumps({"args": vars(args) | {"out": str(args.out)}, "rows": rows}, indent=2),
     )
     print(table)
     return 0

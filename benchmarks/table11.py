@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from ssmkit.utils import atomic_write_text, parse_list
+
 PAPER = {  # Gu & Dao (2023) Table 11, test accuracy (%) at 2^6 … 2^20; "✓" = 100, None = out of memory
     "mha-abs": [100, 99.6, 100.0, 58.6, 26.6, 18.8, 9.8, 10.9, 7.8] + [None] * 6,
     "mha-rope": [100, 100, 100.0, 83.6, 31.3, 18.4, 8.6, 9.0, 5.5] + [None] * 6,
@@ -45,7 +47,7 @@ def main() -> int:
     p.add_argument("--attn-max-length", type=int, default=2**14, help="the paper's attention limit: 2^14")
     p.add_argument("--examples", type=int, default=256, help="validation examples per length")
     p.add_argument("--max-tokens", type=int, default=2**23, help="cap examples at MAX_TOKENS // length")
-    p.add_argument("--chunk", type=int, default=8192)
+    p.add_argument("--chunk-size", type=int, default=8192, help="ssmkit eval --chunk-size")
     p.add_argument("--device", default="cpu")
     p.add_argument("--jobs", type=int, default=2, help="models trained at the same time")
     p.add_argument(
@@ -63,7 +65,7 @@ def main() -> int:
     args = p.parse_args()
     if args.paper:
         args.batch_size, args.time_limit = 8, None
-    names = args.models.split(",")
+    names = parse_list(args.models, str, "--models")
     lengths = [2**k for k in range(args.min_log2, args.max_log2 + 1)]
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -127,8 +129,8 @@ def main() -> int:
             str(args.max_tokens),
             "--max-length",
             str(max_len),
-            "--chunk",
-            str(args.chunk),
+            "--chunk-size",
+            str(args.chunk_size),
             "--device",
             args.device,
             *th,
@@ -142,7 +144,9 @@ def main() -> int:
                 name = pending.pop(0)
                 (args.out / name).mkdir(parents=True, exist_ok=True)
                 cmds = commands(name)
-                (args.out / name / "command.txt").write_text("\n".join(" ".join(c) for c in cmds) + "\n")
+                atomic_write_text(
+                    args.out / name / "command.txt", "\n".join(" ".join(c) for c in cmds) + "\n"
+                )
                 script = " && ".join(" ".join(f"'{x}'" for x in c) for c in cmds)
                 env = dict(os.environ)
                 if args.threads:
@@ -192,9 +196,10 @@ def main() -> int:
             f"| {name} (paper) | | | " + " | ".join("✗" if v is None else f"{v:.1f}" for v in paper) + " |"
         )
     table = "\n".join(lines)
-    (args.out / "table11.md").write_text(table + "\n")
-    (args.out / "table11.json").write_text(
-        json.dumps({"args": vars(args) | {"out": str(args.out)}, "models": result}, indent=2)
+    atomic_write_text(args.out / "table11.md", table + "\n")
+    atomic_write_text(
+        args.out / "table11.json",
+        json.dumps({"args": vars(args) | {"out": str(args.out)}, "models": result}, indent=2),
     )
     print(table)
     return 0

@@ -66,7 +66,7 @@ def test_train_eval_roundtrip(tmp_path, arch, layer, task):
     assert json.loads((out / "summary.json").read_text())["step"] == 3
     ckpt = out / "checkpoint.safetensors"
     rc = main(
-        ["eval", str(ckpt), "--lengths", "8,12,37", "--examples", "6", "--chunk", "5", "--batch-size", "3"]
+        ["eval", str(ckpt), "--lengths", "8,12,37", "--examples", "6", "--chunk-size", "5", "--batch-size", "3"]
     )
     assert rc == 0
     rows = json.loads((out / "eval.json").read_text())["rows"]

@@ -231,7 +231,7 @@ def test_cli_eval_lm_checkpoint_streams_and_matches_a_full_forward(tmp_path, cap
     argv += ["--eval-examples", "4", "--val-fraction", "0.2", "--out", str(out), "--no-progress", *extra]
     assert main(argv) == 0
     ckpt = out / "checkpoint.safetensors"
-    assert main(["eval", str(ckpt), "--lengths", "16,48", "--examples", "5", "--chunk", "16"]) == 0
+    assert main(["eval", str(ckpt), "--lengths", "16,48", "--examples", "5", "--chunk-size", "16"]) == 0
     assert "bits/byte" in capsys.readouterr().out
     rows = {r["length"]: r for r in json.loads((out / "eval.json").read_text())["rows"]}
     model, header = load_trained(ckpt)
