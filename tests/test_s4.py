@@ -175,17 +175,23 @@ def test_step_never_builds_the_dense_matrix(monkeypatch):
     """With C untuned (or its true C cached), a step touches only n-vectors: no dense A, no solve."""
     import ssmkit.layers.s4 as s4
 
-    layer = S4(2, 8, dtype=torch.float64)
-    state = layer.new_state(1)
+    untuned, tuned = S4(2, 8, dtype=torch.float64), S4(2, 8, dtype=torch.float64)
+    tuned.kernel(32)
+    states = untuned.new_state(1), tuned.new_state(1)
+    x = torch.randn(1, 2, dtype=torch.float64)
+    with torch.no_grad():
+        tuned.step(x, states[1])  # the one solve for the true C, then cached
 
     def forbidden(*args, **kwargs):
         raise AssertionError("step built a dense matrix")
 
     monkeypatch.setattr(s4, "dplr_dense", forbidden)
     monkeypatch.setattr(s4, "discretize_dense", forbidden)
+    monkeypatch.setattr(torch.linalg, "solve", forbidden)
     with torch.no_grad():
         for _ in range(3):
-            layer.step(torch.randn(1, 2, dtype=torch.float64), state)
+            for layer, state in zip((untuned, tuned), states):
+                layer.step(x, state)
 
 
 def test_kernel_cauchy_equals_lti_kernel_on_the_dense_system():

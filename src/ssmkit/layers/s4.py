@@ -234,8 +234,8 @@ class S4(nn.Module):
 
         Cached while gradients are off and no parameter changed (``step`` calls it once per token).
         """
-        params = (self.log_dt, self.Lambda_log_re, self.Lambda_im, self.P, self.C)
-        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params) + (int(self.l_kernel),)
+        params = (self.log_dt, self.Lambda_log_re, self.Lambda_im, self.P, self.C, self.l_kernel)
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)  # no device sync
         if not torch.is_grad_enabled() and self._C_cache is not None and self._C_cache[0] == key:
             return self._C_cache[1]
         L = int(self.l_kernel)
