@@ -187,3 +187,30 @@ def test_a_folder_holding_the_cache_does_not_read_it(tmp_path):
     first = TokenCorpus.build(Bytes(), tmp_path / "cache", tmp_path, val_fraction=0.1, verbose=False)
     again = TokenCorpus.build(Bytes(), tmp_path / "cache", tmp_path, val_fraction=0.1, verbose=False)
     assert again.bin_path == first.bin_path and first.meta.files == [str(tmp_path / "a.txt")]
+
+
+def test_data_path_that_is_not_a_file_or_folder_says_what_it_is():
+    with pytest.raises(ValueError, match="character device"):
+        resolve_sources("/dev/zero")
+    with pytest.raises(ValueError, match="does not exist"):
+        resolve_sources("/no/such/file.txt")
+
+
+def test_load_tokenizer_takes_a_file_or_a_folder(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from ssmkit.data.tokenizer import ByteTokenizer, JsonTokenizer, load_tokenizer
+
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(
+        ["abc abd abe"] * 5, trainers.BpeTrainer(vocab_size=270, special_tokens=["[UNK]"])
+    )
+    tok.save(str(tmp_path / "my.json"))
+    by_file = load_tokenizer(tmp_path / "my.json")
+    assert isinstance(by_file, JsonTokenizer) and by_file.encode("abc abd") == tok.encode("abc abd").ids
+    assert isinstance(load_tokenizer(tmp_path), ByteTokenizer)  # a folder without tokenizer.json: bytes …
+    with pytest.raises(FileNotFoundError, match="holds no tokenizer.json"):
+        load_tokenizer(tmp_path, required=True)  # … unless one was asked for
+    (tmp_path / "my.json").rename(tmp_path / "tokenizer.json")
+    assert load_tokenizer(tmp_path, required=True).vocab_size == tok.get_vocab_size()

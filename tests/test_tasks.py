@@ -14,6 +14,7 @@ from ssmkit.tasks import (
     InductionHeadsConfig,
     SelectiveCopying,
     SelectiveCopyingConfig,
+    build_task,
     make_task,
     masked_loss_sums,
     shard,
@@ -83,6 +84,30 @@ def test_determinism_and_sharding(name):
     assert torch.equal(v1.inputs, v2.inputs)
     assert not torch.equal(v1.inputs, a.inputs)
     assert task.validation_set(64, 4).inputs.shape[1] in (64, 64 + 4)
+
+
+@pytest.mark.parametrize("name", ["selective-copying", "induction-heads", "copying"])
+def test_spec_rebuilds_the_same_task(name):
+    """A checkpoint stores ``task.spec()``; ``build_task`` of it yields the same stream and validation set."""
+    task = make_task(name, seq_len=20, vocab_size=9, seed=3, n_tokens=3)
+    again = build_task(task.spec())
+    assert again.name == name and again.spec() == task.spec()
+    assert torch.equal(again.train_batch(5, 4).inputs, task.train_batch(5, 4).inputs)
+    assert torch.equal(again.validation_set(20, 4).targets, task.validation_set(20, 4).targets)
+    assert task.eval_metrics(1.0) == {} and task.export(None, None) is None
+
+
+def test_lm_spec_rebuilds_the_same_task(tmp_path):
+    from ssmkit.tasks import LMTaskConfig, task_from_config
+
+    (tmp_path / "t.txt").write_text("some text to model, line after line.\n" * 40)
+    cfg = LMTaskConfig(data=str(tmp_path / "t.txt"), seq_len=8, val_fraction=0.1).resolved(tmp_path / "run")
+    assert cfg.token_cache == str((tmp_path / "token-cache").resolve())
+    task = task_from_config(cfg)
+    again = build_task(task.spec())
+    assert again.spec() == task.spec() == {"task": "lm", **__import__("dataclasses").asdict(cfg)}
+    assert torch.equal(again.train_batch(2, 3).inputs, task.train_batch(2, 3).inputs)
+    assert task.eval_metrics(math.log(2)) == {"val_bpb": pytest.approx(1.0)}  # bytes: bpb = nats / ln 2
 
 
 def test_bad_arguments():

@@ -13,24 +13,25 @@ from torch import nn
 from ssmkit.tasks import Copying, CopyingConfig, SelectiveCopying, SelectiveCopyingConfig
 from ssmkit.train.checkpoint import read_checkpoint
 from ssmkit.train.schedule import lr_factor
-from ssmkit.train.trainer import TrainConfig, train
+from ssmkit.train.trainer import StopReason, TrainConfig, train
 
 
 class ToyLM(nn.Module):
     """Embedding -> causal running mean + causal conv -> linear head: tiny, deterministic, causal."""
 
-    def __init__(self, vocab: int, d: int = 16, interrupt_at_call: int | None = None):
+    def __init__(self, vocab: int, d: int = 16, interrupt_at_call: int | None = None, sig=signal.SIGINT):
         super().__init__()
         self.emb = nn.Embedding(vocab, d)
         self.conv = nn.Conv1d(d, d, 4, padding=3)
         self.head = nn.Linear(2 * d, vocab)
         self.calls = 0
         self.interrupt_at_call = interrupt_at_call
+        self.sig = sig
 
     def forward(self, ids, cache=None):  # cache: the state protocol (no state here)
         self.calls += 1
         if self.training and self.calls == self.interrupt_at_call:
-            os.kill(os.getpid(), signal.SIGINT)  # as if the user pressed Ctrl-C during this step
+            os.kill(os.getpid(), self.sig)  # as if the user pressed Ctrl-C (or kill) during this step
         h = self.emb(ids)  # (b, l, d)
         l = ids.shape[1]
         mean = h.cumsum(1) / torch.arange(1, l + 1).view(1, l, 1)  # (b, l, d)
@@ -91,11 +92,13 @@ def test_resume_is_bit_identical(tmp_path):
     first = ToyLM(8, interrupt_at_call=n)  # SIGINT arrives during step n; the trainer stops after it
     r1 = train(first, task, _cfg(2 * n), tmp_path / "split")
     assert r1.interrupted and r1.step == n
+    assert r1.stop_reason is StopReason.SIGNAL and r1.exit_code == 130
     torch.manual_seed(123)  # a different init and RNG state: everything must come from the checkpoint
     second = ToyLM(8)
     torch.rand(7)
     r2 = train(second, task, _cfg(2 * n), tmp_path / "split", resume=r1.checkpoint)
     assert r2.step == 2 * n and not r2.interrupted
+    assert r2.stop_reason is StopReason.FINISHED and r2.exit_code == 0
     assert r1.losses + r2.losses == full.losses  # exact equality, step by step
     for (k, a), (_, b) in zip(full_model.state_dict().items(), second.state_dict().items()):
         assert torch.equal(a, b), k
@@ -123,7 +126,7 @@ def test_outputs_and_learning(tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text())["step"] == 60
     assert res.losses[-1] < res.losses[0]  # it trains
     assert set(res.final_eval) == {8, 12}
-    assert not list(tmp_path.glob("*.tmp"))  # atomic writes leave no temporaries
+    assert not [p for p in tmp_path.iterdir() if "tmp" in p.name]  # atomic writes leave no temporaries
 
 
 def test_checkpoint_restores_optimizer_and_rng(tmp_path):
@@ -153,8 +156,27 @@ def test_checkpoint_restores_optimizer_and_rng(tmp_path):
 def test_bad_config():
     with pytest.raises(ValueError, match="schedule"):
         TrainConfig(schedule="step")
-    with pytest.raises(ValueError, match="steps"):
+    with pytest.raises(ValueError, match="^steps: expected >= 1, got 0$"):
         TrainConfig(steps=0)
+    for name, value in [("ckpt_every", -1), ("eval_every", -1), ("grad_clip", -1.0), ("eval_chunk_size", 0)]:
+        with pytest.raises(ValueError, match=f"^{name}: expected .*, got {value}$"):
+            TrainConfig(**{name: value})
+
+
+def test_config_from_an_older_checkpoint_header():
+    """Headers written before the chunk flag was renamed call eval_chunk_size 'eval_chunk'."""
+    old = {k: v for k, v in __import__("dataclasses").asdict(TrainConfig()).items() if k != "eval_chunk_size"}
+    cfg = TrainConfig.from_dict({**old, "eval_chunk": 64, "betas": [0.9, 0.95]})
+    assert cfg.eval_chunk_size == 64 and cfg.betas == (0.9, 0.95)
+
+
+def test_sigterm_stops_saves_and_reports_143(tmp_path):
+    task = Copying(CopyingConfig(seq_len=8, n_tokens=2, vocab_size=6))
+    torch.manual_seed(0)
+    res = train(ToyLM(6, interrupt_at_call=3, sig=signal.SIGTERM), task, _cfg(50), tmp_path)
+    assert res.stop_reason is StopReason.SIGNAL and res.signal == signal.SIGTERM and res.exit_code == 143
+    assert res.step == 3 and res.final_eval == {}
+    assert read_checkpoint(tmp_path / "checkpoint.safetensors")[1]["step"] == 3
 
 
 def test_time_limit_stops_saves_and_evaluates(tmp_path):
@@ -162,6 +184,7 @@ def test_time_limit_stops_saves_and_evaluates(tmp_path):
     torch.manual_seed(0)
     res = train(ToyLM(6), task, _cfg(50, time_limit_s=0.0), tmp_path)
     assert res.step == 1 and not res.interrupted and 8 in res.final_eval
+    assert res.stop_reason is StopReason.TIME_LIMIT and res.exit_code == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["stopped_by_time_limit"] and summary["step"] == 1
     _, header = read_checkpoint(tmp_path / "checkpoint.safetensors")
