@@ -172,7 +172,8 @@ def test_dplr_step_equals_dense_step(tuned, d_state):
 
 
 def test_step_never_builds_the_dense_matrix(monkeypatch):
-    """With C untuned (or its true C cached), a step touches only n-vectors: no dense A, no solve."""
+    """With C untuned (or its true C cached), a step — or a one-token forward with a state — touches only
+    n-vectors: no dense A, no solve."""
     import ssmkit.layers.s4 as s4
 
     untuned, tuned = S4(2, 8, dtype=torch.float64), S4(2, 8, dtype=torch.float64)
@@ -192,6 +193,7 @@ def test_step_never_builds_the_dense_matrix(monkeypatch):
         for _ in range(3):
             for layer, state in zip((untuned, tuned), states):
                 layer.step(x, state)
+                layer(x[:, None], state)  # one-token forward with a state = the step
 
 
 def test_kernel_cauchy_equals_lti_kernel_on_the_dense_system():

@@ -39,8 +39,9 @@ gradients are off and the parameters unchanged.
 
 State (ssmkit's one state protocol, shared with S4D): ``new_state(batch)`` returns an ``LTIState``
 whose h holds the first halves of the conjugate pairs; ``forward(x, state)`` and ``step(x_t, state)``
-start from ``state.h`` and replace it (a new tensor, so gradients flow). Empty inputs (b = 0 or l = 0)
-give an empty output and leave the state as it was.
+start from ``state.h`` and replace it (a new tensor, so gradients flow). ``forward`` of a single token
+with a state runs ``step``, so decoding through ``forward`` costs O(n) per token too. Empty inputs
+(b = 0 or l = 0) give an empty output and leave the state as it was.
 
 Deviations said out loud: n/2 entries of each conjugate pair are stored and completed on use
 (``conj_complete``): the dense system is n-dimensional complex with a real output, and a sum over the
@@ -298,6 +299,8 @@ class S4(nn.Module):
             check_state(state, b, d, n2, complex_dtype(self.D.dtype))
         if b == 0 or l == 0:
             return x.new_zeros(b, l, d)  # nothing to do; the state is left as it was
+        if state is not None and l == 1:  # one-token decode: the O(n) step, not the dense Ā^l of a chunk
+            return self.step(x[:, 0], state)[:, None]  # (b, 1, d)
         u = x.transpose(1, 2).to(self.D.dtype)  # (b, d, l)
         K = self.kernel(l)  # (d, l)
         y = convolve_fft(u, K, self.D, siso=True)  # (b, d, l)
