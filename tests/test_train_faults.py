@@ -197,6 +197,7 @@ def test_device_cuda_without_cuda_is_one_line(tmp_path, capsys):
     assert main([*TINY, "--steps", "1", "--out", str(tmp_path / "r"), "--device", "cuda"]) == 1
     err = one_line_error(capsys)
     assert err.startswith("error: --device:") and "'cuda'" in err and "is_available() is False" in err
+    assert not (tmp_path / "r").exists()  # refused before anything is written
 
 
 def test_unknown_device_is_one_line(tmp_path, capsys):

@@ -41,8 +41,8 @@ def flag(name: str) -> str:
 def _list_of(kind: type, name: str, text: str) -> list:
     try:
         return parse_list(text, kind, flag(name))
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+    except ValueError as e:  # argparse prefixes "argument --name: " itself
+        raise argparse.ArgumentTypeError(str(e).removeprefix(f"{flag(name)}: ")) from None
 
 
 def add_dataclass_args(

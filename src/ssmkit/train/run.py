@@ -40,6 +40,7 @@ from ssmkit.tasks import (
 from ssmkit.tasks.base import Task
 from ssmkit.train.build import ModelConfig, build_model, model_spec
 from ssmkit.train.checkpoint import read_checkpoint
+from ssmkit.train.distributed import resolve_device
 from ssmkit.train.lock import output_lock
 from ssmkit.train.metrics import read_metrics
 from ssmkit.train.trainer import TrainConfig, TrainResult, train
@@ -159,6 +160,7 @@ def _is_main() -> bool:
 
 def run(config: RunConfig) -> int:
     """Train a new model on a new task; returns the exit code (see the module docstring)."""
+    resolve_device(config.train.device)  # a bad --device fails before anything is written
     if config.threads:
         torch.set_num_threads(config.threads)
     task_cfg = config.task
@@ -185,6 +187,7 @@ def resume(config: ResumeConfig) -> int:
         cfg = replace(cfg, steps=config.total_steps)
     if config.no_time_limit:
         cfg = replace(cfg, time_limit_s=None)
+    resolve_device(cfg.device)
     out = Path(config.out or config.checkpoint.parent)
     with _lock(out):
         task = build_task(header["task"], verbose=_is_main())
