@@ -5,14 +5,14 @@
 The model type is checked first, so a folder of another architecture (a transformers Llama, a Mamba-2
 model) is one line naming the type found and the types supported — not a long list of missing and
 unexpected weights. Types (``model_type`` in config.json; mamba-ssm's config.json has none and is typed
-by its ``ssm_cfg.layer``, see ``ssmkit.models.checkpoint.model_type``):
+by its ``ssm_cfg.layer``, see ``ssmkit.models.folder.model_type``):
 
     "mamba"               Mamba-1: transformers' MambaForCausalLM or mamba-ssm's MambaLMHeadModel folder
                           -> MambaLM.from_pretrained
     "ssmkit-transformer"  written by TransformerLM.save_pretrained -> TransformerLM.from_pretrained
 
-This is the only module that imports both model classes (``checkpoint`` imports neither: ``mamba_lm``
-imports it).
+This is the only module that imports both model classes (``checkpoint`` and ``folder`` import neither:
+``mamba_lm`` imports ``checkpoint``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from torch import nn
 
-from ssmkit.models import checkpoint
+from ssmkit.models import checkpoint, folder
 from ssmkit.models.mamba_lm import MambaLM
 from ssmkit.models.transformer_lm import MODEL_TYPE as TRANSFORMER_TYPE
 from ssmkit.models.transformer_lm import TransformerLM
@@ -40,10 +40,9 @@ def supported_types() -> str:
 
 def model_type_of(path: str | Path) -> str:
     """The model type of the model folder ``path``, checked to be one ssmkit loads (ValueError if not)."""
-    folder = Path(path)
-    found = checkpoint.model_type(checkpoint.read_config(folder), str(folder / "config.json"))
+    where = Path(path) / "config.json"
+    found = folder.model_type(folder.read_config(path), str(where))
     if found not in MODEL_TYPES:
-        where = folder / "config.json"
         raise ValueError(f"{where}: model type {found!r} is not supported; ssmkit loads {supported_types()}")
     return found
 
@@ -53,9 +52,7 @@ def load_model(path: str | Path) -> nn.Module:
 
     Raises FileNotFoundError / NotADirectoryError / ValueError with one line naming the file and the cause.
     """
-    folder = Path(path)
-    found = model_type_of(folder)
-    cls = MODEL_TYPES[found][1]
+    cls = MODEL_TYPES[model_type_of(path)][1]
     if cls is TransformerLM:
-        checkpoint.check_safetensors(folder / "model.safetensors")  # a truncated file: say so, by name
-    return cls.from_pretrained(folder)
+        folder.check_safetensors(Path(path) / "model.safetensors")  # a truncated file: say so, by name
+    return cls.from_pretrained(path)
