@@ -11,11 +11,11 @@ Glossary (code -> paper), see ``ssmkit.scan`` for the full one:
     c                       chunk length (``chunk_size``); k indexes chunks
     S_k                     the true state at the start of chunk k (b, d, n)
 
-The algorithm. Pad the sequence with identity steps (Δ = 0, so Ā = 1 and B̄u = 0: the last state is
-unchanged) to a multiple of c and cut it into chunks. Chunks are taken k at a time (a *block*; k =
-``chunks_per_block``, by default so that one step's (b, k, d, n) tensor is about 1 MiB and stays in cache).
-The k chunks of a block advance *together*, one position at a time, so a Python step works on (b, k, d, n)
-tensors instead of the reference's (b, d, n):
+The algorithm. Pad the sequence with identity steps (Ā = 1 and B̄u = 0 exactly, even for an infinite
+A, so the last state is unchanged) to a multiple of c and cut it into chunks. Chunks are taken k at a
+time (a *block*; k = ``chunks_per_block``, by default so that one step's (b, k, d, n) tensor is about
+1 MiB and stays in cache). The k chunks of a block advance *together*, one position at a time, so a
+Python step works on (b, k, d, n) tensors instead of the reference's (b, d, n):
 
     1. local pass   h ← Ā_t ⊙ h + B̄_t u_t from h = 0, for t = 1..c, in every chunk at once;
                     h_end[k] is what chunk k adds to the state.
@@ -37,6 +37,10 @@ reference's arithmetic (each exponent is Δ_t·A or Σ Δ_t·A — never a diffe
 growing positive number when Δ ≥ 0 and A ≤ 0), with about k/2 times fewer Python steps, and keeps
 per-position (b, d, n) tensors only for one block of c·k positions at a time (never (b, d, l, n) for the
 whole sequence: under autograd each block is checkpointed).
+
+NaN and ±inf: the padded steps are exact identities, and a call whose state or output is not finite is
+recomputed by the reference loop (the blocked order can turn ±inf into NaN where the loop does not), so
+non-finite values propagate exactly as in ``ssmkit.scan.reference``, forward and backward.
 
 Accumulation is float32 (float64 when u is float64); bf16/fp16 inputs are accepted and upcast. The output is
 cast back to u's dtype; the last state stays in the accumulation dtype, like the reference.
@@ -168,7 +172,7 @@ def selective_scan_chunked(
 
     c = min(chunk_size, l)
     nc = -(-l // c)  # number of chunks
-    pad = nc * c - l  # identity steps at the end: Δ = 0, so Ā = 1 and B̄u = 0
+    pad = nc * c - l  # identity steps at the end: Ā = 1 and B̄u = 0 (forced, see `terms`)
     # time-major copies, so that one step of all chunks is a (b, k, d) slice with d contiguous
     dt_t = _swap_last2(F.pad(dt, (0, pad)))  # (b, l_pad, d)
     x_t = _swap_last2(F.pad(dt * u_, (0, pad)))  # (b, l_pad, d): Δ·u
@@ -182,20 +186,36 @@ def selective_scan_chunked(
     def run_block(state: Tensor, k0: int, k: int) -> tuple[Tensor, Tensor]:
         """Chunks k0 .. k0+k-1 from their start state -> (outputs (b, k·c, d) time-major, end state)."""
         t0, t1 = k0 * c, (k0 + k) * c  # the block's positions
+        A_p, B_p = A_, B_t
+        if t1 > l and k > 1:  # the last chunk ends in padded steps: there A and B are replaced by 0
+            padded = torch.arange(k, device=u.device).view(1, k, 1, 1) == k - 1  # (1, k, 1, 1)
+            A_p = torch.where(padded, torch.zeros_like(A_), A_)  # (1, k, d, n)
+            if not varB:
+                B_p = torch.where(padded, torch.zeros_like(B_t), B_t)  # (1, k, d, n)
+
+        def terms(t: int) -> tuple[Tensor, Tensor]:
+            """Ā, B̄u at step t of every chunk. A padded step is exactly (1, 0) — exp(0 · 0), 0 · 0 — also for
+            an infinite or NaN A or B (where exp(0 · A) would be NaN, forward or backward)."""
+            if t1 > l and t >= c - pad:
+                return _step_terms(dt_t, x_t, A_p, B_p, varB, GB, slice(t0 + t, t1, c))  # (b, k, d, n) each
+            return _step_terms(dt_t, x_t, A_, B_t, varB, GB, slice(t0 + t, t1, c))  # (b, k, d, n) each
+
         if k == 1:  # one chunk: its start state is known, so a single sequential pass suffices
             h, y_blk = state, []
-            for t in range(t0, t1):
+            for t in range(t0, min(t1, l)):  # (its padded steps are skipped)
                 now = slice(t, t + 1)
                 dA = torch.exp2(dt_t[:, t, :, None] * A_[0])  # (b, d, n)
                 Bx = _times_b(x_t[:, now], B_t[:, now] if varB else B_t, varB, GB)  # (b, 1, d, n)
                 h = torch.addcmul(Bx[:, 0], dA, h)  # (b, d, n)
                 y_blk.append(_contract_c(h[:, None], C_t[:, now] if varC else C_t, varC, GC))  # (b, 1, d)
+            if t1 > l:
+                y_blk.append(h.new_zeros(b, t1 - l, d))  # (b, pad, d), cut off below
             return torch.cat(y_blk, dim=1), h  # (b, c, d), (b, d, n)
 
         keep = torch.is_grad_enabled()  # under autograd pass 3 reuses pass 1's terms (saved anyway)
         h, kept = None, []
         for t in range(c):
-            dA, Bx = _step_terms(dt_t, x_t, A_, B_t, varB, GB, slice(t0 + t, t1, c))  # (b, k, d, n) each
+            dA, Bx = terms(t)  # (b, k, d, n) each
             h = Bx if h is None else torch.addcmul(Bx, dA, h)  # (b, k, d, n)
             if keep:
                 kept.append((dA, Bx))
@@ -212,7 +232,7 @@ def selective_scan_chunked(
         y_blk = []
         for t in range(c):  # Ā_t, B̄_t u_t: pass 1's under autograd, else recomputed
             step = slice(t0 + t, t1, c)
-            dA, Bx = kept[t] if keep else _step_terms(dt_t, x_t, A_, B_t, varB, GB, step)  # (b, k, d, n)
+            dA, Bx = kept[t] if keep else terms(t)  # (b, k, d, n)
             h = torch.addcmul(Bx, dA, h)  # (b, k, d, n)
             y_blk.append(_contract_c(h, C_t[:, step] if varC else C_t, varC, GC))  # (b, k, d)
         return torch.stack(y_blk, dim=2).reshape(b, k * c, d), state  # (b, k·c, d), (b, d, n)
@@ -237,4 +257,9 @@ def selective_scan_chunked(
         y = y + D.to(acc)[None, :, None] * u_
     if z is not None:
         y = y * F.silu(z.to(acc))
+    if not (torch.isfinite(y.sum()) and torch.isfinite(state.sum())):
+        # NaN/inf somewhere: the blocked order (carry pass, checkpointed backward) can meet +inf and -inf
+        # where the sequential loop does not, so such a call is answered by the reference loop, whose NaN
+        # and ±inf — forward and backward — are the contract. Finite calls pay two sums.
+        return selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
     return y.to(u.dtype), state

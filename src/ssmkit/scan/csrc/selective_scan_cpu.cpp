@@ -320,6 +320,11 @@ static void bwd_item(const Problem& p, const float* saved, const float* dout, co
       }
       // 3. reverse recurrence: G_t = g_{t+1→t} + dy_t C_t;  g_{t→t−1} = Ā_t G_t
       vf dD = dDacc[j - j0], db = dbacc[j - j0];
+      // Padding lanes share B_t, C_t with the real ones: 0 · inf there is NaN, so their contributions to
+      // the shared dB_t, dC_t sums are dropped by a lane mask (only in the super-group's last, ragged block).
+      const bool ragged = k.nvalid < W;
+      vi real = {};
+      for (int i = 0; i < W; ++i) real[i] = i < k.nvalid ? -1 : 0;
       for (int64_t t = T - 1; t >= 0; --t) {
         const vf dtv = dt[t], uv = uu[t], dyv = dy[t], dtu = dtv * uv;
         const float* Bt = BTI ? nullptr : Bg + (t0 + t) * n;
@@ -335,11 +340,11 @@ static void bwd_item(const Problem& p, const float* saved, const float* dout, co
           if (CTI)
             dCacc[(j - j0) * n + jn] += dyv * hc[jn];
           else
-            dCl[t * n + jn] += dyv * hc[jn];
+            dCl[t * n + jn] += ragged ? (real != 0 ? dyv * hc[jn] : vf{}) : dyv * hc[jn];
           if (BTI)
             dBacc[(j - j0) * n + jn] += G * dtu;
           else
-            dBl[t * n + jn] += G * dtu;
+            dBl[t * n + jn] += ragged ? (real != 0 ? G * dtu : vf{}) : G * dtu;
           ddtu += G * bj;
           const vf sa = G * hp[jn] * ac[jn];  // dL/d(Δ_t A) for this state index
           dts += sa * Av[jn];
