@@ -208,6 +208,17 @@ def test_bugs_keep_their_traceback(model_dir, monkeypatch):
         main(["generate", str(model_dir), "--prompt", "x"])
 
 
+def test_ctrl_c_exits_130_without_traceback(model_dir, capsys, monkeypatch):
+    import ssmkit.models.load
+
+    def interrupted(path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ssmkit.models.load, "load_model", interrupted)
+    assert main(["generate", str(model_dir), "--prompt", "x"]) == 130
+    assert capsys.readouterr().err == "interrupted\n"
+
+
 def test_real_process_exit_status_and_no_traceback(tmp_path):
     env = {**os.environ, "SSMKIT_DEBUG": ""}
     proc = subprocess.run(

@@ -4,7 +4,8 @@ and exposes ``add_parser(subparsers)`` (which sets ``func``) — the work is don
 Errors: a user error — ``ValueError`` (bad values, bad files) or ``OSError`` (missing, unreadable or
 unwritable paths, a full disk: FileNotFoundError, NotADirectoryError, PermissionError, …) — is printed as
 one line ``error: …`` on stderr with exit status 1. Anything else is a bug and keeps its traceback.
-``--debug`` (or ``SSMKIT_DEBUG=1``) shows the traceback of user errors too. Usage errors (a misspelt
+``--debug`` (or ``SSMKIT_DEBUG=1``) shows the traceback of user errors too. Ctrl-C (KeyboardInterrupt)
+prints "interrupted" and exits 130. Usage errors (a misspelt
 flag, a bad flag value) print the usage of the subcommand they occur in and exit 2, as argparse does.
 """
 
@@ -66,6 +67,11 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(err).split()) or type(err).__name__  # one line, whatever the message
         print(f"error: {message}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("interrupted", file=sys.stderr)
+        return 130  # 128 + SIGINT, the shell's convention
 
 
 if __name__ == "__main__":
