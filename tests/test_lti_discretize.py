@@ -193,6 +193,20 @@ def test_zoh_dense_matches_40_digit_mpmath():
     assert rel(Ab, ref[:, :n]) <= 1e-15 * 4 and rel(Bb, ref[:, n:]) <= 1e-15 * 4
 
 
+def test_zoh_diagonal_gain_is_machine_precise_near_zero():
+    """(e^z − 1)/z for small |z| (the series branch, |z| < 1e-4) and just above it, against mpmath."""
+    mpmath = pytest.importorskip("mpmath")
+    z = torch.tensor([-9.9e-5, -5e-5 + 8e-5j, -1e-8, -1.01e-4, -0.3 + 2j], dtype=torch.complex128)
+    _, Bb = discretize(z, torch.ones_like(z), 1.0, "zoh")
+    with mpmath.workdps(40):
+        ref = [
+            complex((mpmath.exp(mpmath.mpc(c.real, c.imag)) - 1) / mpmath.mpc(c.real, c.imag))
+            for c in z.tolist()
+        ]
+    err = (Bb - torch.tensor(ref, dtype=torch.complex128)).abs() / torch.tensor(ref).abs()
+    assert err.max() <= 4e-16, err
+
+
 def test_continuous_response_uses_the_precise_exponential():
     A, B = hippo(4, "legs")
     C = torch.ones(1, 4, dtype=torch.float64)

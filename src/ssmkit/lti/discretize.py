@@ -153,7 +153,8 @@ def discretize_diagonal(
         Ab = torch.exp(dtA)  # (..., n)
         small = dtA.abs() < 1e-4
         safe = torch.where(small, torch.ones_like(dtA), dtA)  # (..., n)
-        phi = torch.where(small, 1 + dtA / 2 + dtA * dtA / 6, torch.expm1(safe) / safe)  # (e^z − 1)/z
+        series = 1 + dtA / 2 * (1 + dtA / 3 * (1 + dtA / 4))  # 1 + z/2 + z²/6 + z³/24, error < |z|⁴/120
+        phi = torch.where(small, series, torch.expm1(safe) / safe)  # (e^z − 1)/z
         gain = phi if siso else phi[..., None]  # (..., n) or (..., n, 1)
         return Ab, gain * dtb * B  # (..., n), (..., n[, p])
     a = _ALPHA.get(method, alpha)
