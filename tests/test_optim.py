@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ssmkit.models.sequence import SequenceModel
+from ssmkit.models.sequence import SequenceModel, SequenceModelConfig
 from ssmkit.train.optim import param_groups
 
 
@@ -17,7 +17,9 @@ def group_of(groups, name):
 
 @pytest.mark.parametrize("arch,layer", [("none", "s4d"), ("h3", "s4"), ("mamba", "s6")])
 def test_groups(arch, layer):
-    model = SequenceModel(13, 8, 2, arch, layer, d_state=4)
+    model = SequenceModel(
+        SequenceModelConfig(vocab_size=13, d_model=8, n_layer=2, arch=arch, layer=layer, d_state=4)
+    )
     groups = param_groups(model, weight_decay=0.1, lr=1e-3, ssm_lr=1e-4)
     names = [n for g in groups for n in g["names"]]
     assert len(names) == len(set(names)) == len(list(model.parameters()))  # tied head counted once
@@ -29,7 +31,7 @@ def test_groups(arch, layer):
     ssm_names = {
         "s4d": ["layers.0.mixer.ssm.log_dt", "layers.0.mixer.ssm.A_log_re", "layers.1.mixer.ssm.B"],
         "s4": ["layers.0.mixer.ssm.Lambda_im", "layers.1.mixer.ssm.P", "layers.1.mixer.ssm.log_dt"],
-        "s6": ["layers.0.mixer.mamba.A_log", "layers.0.mixer.mamba.D", "layers.1.mixer.mamba.dt_proj.bias"],
+        "s6": ["layers.0.mixer.A_log", "layers.0.mixer.D", "layers.1.mixer.dt_proj.bias"],
     }[layer]
     for n in ssm_names:
         g = group_of(groups, n)
