@@ -386,7 +386,7 @@ class TokenCorpus:
         start, stop = self.split_range(split)
         if seq_len < 1 or stop - start < seq_len + 1:
             raise ValueError(
-                f"seq_len must satisfy 1 ≤ seq_len ≤ {stop - start - 1} (the {split} split holds "
+                f"seq_len: expected 1 ≤ seq_len ≤ {stop - start - 1} (the {split} split holds "
                 f"{stop - start} tokens), got {seq_len}"
             )
         return start, stop
