@@ -46,7 +46,7 @@ LM_MODELS = {"mamba": "mamba_lm", "transformer": "transformer_lm"}
 
 def synthetic_defaults() -> dict:
     """The synthetic tasks' value of every flag in ``LM_DEFAULTS`` (and of --vocab-size)."""
-    from ssmkit.train.trainer import TrainConfig
+    from ssmkit.train.config import TrainConfig
 
     train = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name in LM_DEFAULTS}
     return {**train, **MODEL_DEFAULTS}
@@ -55,7 +55,7 @@ def synthetic_defaults() -> dict:
 def add_parser(sub) -> None:
     from ssmkit.tasks import TASKS
     from ssmkit.tasks.lm import LMTaskConfig
-    from ssmkit.train.trainer import TrainConfig
+    from ssmkit.train.config import TrainConfig
 
     p = sub.add_parser(
         "train",
@@ -142,8 +142,8 @@ def _run(args) -> int:
     """Parse the flags into configs and hand them to the one training driver."""
     from ssmkit.tasks import TASKS
     from ssmkit.tasks.lm import LMTaskConfig
+    from ssmkit.train.config import TrainConfig
     from ssmkit.train.run import ModelChoice, ResumeConfig, RunConfig, resume, run
-    from ssmkit.train.trainer import TrainConfig
 
     with flag_error(vars(args)):
         if args.resume is not None:

@@ -40,10 +40,11 @@ from ssmkit.tasks import (
 from ssmkit.tasks.base import Task
 from ssmkit.train.build import ModelConfig, build_model, model_spec
 from ssmkit.train.checkpoint import read_checkpoint
+from ssmkit.train.config import TrainConfig
 from ssmkit.train.distributed import resolve_device
 from ssmkit.train.lock import output_lock
 from ssmkit.train.metrics import read_metrics
-from ssmkit.train.trainer import TrainConfig, TrainResult, train
+from ssmkit.train.trainer import TrainResult, train
 from ssmkit.utils import atomic_write_text, count_parameters
 
 MODEL_KINDS = ("sequence", "mamba_lm", "transformer_lm")
