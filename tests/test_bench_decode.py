@@ -15,7 +15,7 @@ from ssmkit.bench.decode import (
 )
 from ssmkit.utils import count_parameters
 
-TINY = dict(d_model=32, n_layer=2, n_head=2, d_state=4, vocab_size=64, decode_steps=3, prefill_chunk=16)
+TINY = dict(d_model=32, n_layer=2, n_head=2, d_state=4, vocab_size=64, decode_steps=3, chunk_size=16)
 
 
 def test_parameter_counts_match_within_ten_percent():
@@ -95,7 +95,7 @@ def test_cli_bench_decode(tmp_path, capsys):
             "64",
             "--decode-steps",
             "2",
-            "--prefill-chunk",
+            "--chunk-size",
             "8",
             "--out",
             str(tmp_path / "b"),

@@ -108,3 +108,24 @@ def test_save_and_load_round_trip(tmp_path):
     ids = torch.randint(0, 50, (2, 10))
     with torch.no_grad():
         torch.testing.assert_close(again(ids), model(ids), rtol=0, atol=0)
+
+
+def test_load_errors_name_the_file(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = tiny()
+    model.save_pretrained(tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    state = load_file(weights)
+    state.pop("embedding.weight")
+    save_file(state, weights)
+    with pytest.raises(
+        ValueError, match=r"model.safetensors does not match its config.json: missing \['embedding"
+    ):
+        TransformerLM.from_pretrained(tmp_path / "m")
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    with pytest.raises(ValueError, match="model.safetensors is not a readable safetensors file"):
+        TransformerLM.from_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text('{"model_type": "ssmkit-transformer", "d_model": "32"}')
+    with pytest.raises(ValueError, match="d_model must be of type int"):
+        TransformerLM.from_pretrained(tmp_path / "m")

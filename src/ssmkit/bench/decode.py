@@ -7,7 +7,7 @@ attends over a KV cache of 2 × n_layer × l × D numbers that grows with the co
 time of each new token.
 
 Protocol, per model and context length l (batch 1, random weights, no gradients):
-    1. prefill: feed l random token ids through ``model(ids, cache=cache)`` in chunks of ``prefill_chunk``
+    1. prefill: feed l random token ids through ``model(ids, cache=cache)`` in chunks of ``chunk_size``
        tokens (memory stays bounded; the cache carries the context between chunks);
     2. decode: ``decode_steps`` greedy steps, each ``model(last_token, cache=cache)`` + argmax, timed one
        by one with ``time.perf_counter`` (``torch.cuda.synchronize`` first on CUDA); we report the
@@ -57,7 +57,7 @@ class DecodeBenchConfig:
     """Vocabulary (bytes by default)."""
     decode_steps: int = 64
     """Timed decode steps per context."""
-    prefill_chunk: int = 1024
+    chunk_size: int = 1024
     """Tokens per prefill call (bounds the attention score matrix at chunk × l per head)."""
     models: list[str] = field(default_factory=lambda: ["mamba", "transformer"])
     """Which models to measure."""
@@ -76,7 +76,7 @@ class DecodeBenchConfig:
             "d_state",
             "vocab_size",
             "decode_steps",
-            "prefill_chunk",
+            "chunk_size",
         ):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
@@ -171,8 +171,8 @@ def measure_decode(
     _sync(device)
     t0 = time.perf_counter()
     logits = None
-    for start in range(0, context, cfg.prefill_chunk):
-        n = min(cfg.prefill_chunk, context - start)
+    for start in range(0, context, cfg.chunk_size):
+        n = min(cfg.chunk_size, context - start)
         ids = torch.randint(0, vocab, (1, n), generator=g).to(device)  # (1, c)
         logits = model(ids, cache=cache, num_last_tokens=1)  # (1, 1, V_pad)
         if progress is not None:
@@ -203,7 +203,7 @@ def run_decode_bench(cfg: DecodeBenchConfig, out_dir: Path | None = None, show_p
     for name, p in params.items():
         print(f"[bench decode] {name}: {p:,} parameters")
     # warm-up (discarded): first calls pay one-off costs (kernel compilation, allocator growth, lazy init)
-    warm = replace(cfg, decode_steps=4, prefill_chunk=min(cfg.prefill_chunk, 32))
+    warm = replace(cfg, decode_steps=4, chunk_size=min(cfg.chunk_size, 32))
     for model in models.values():
         measure_decode(model, 32, warm)
     total = len(models) * (sum(cfg.contexts) + len(cfg.contexts) * cfg.decode_steps)

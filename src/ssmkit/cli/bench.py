@@ -83,7 +83,7 @@ def _run_decode(args) -> int:
         d_state=args.d_state,
         vocab_size=args.vocab_size,
         decode_steps=args.decode_steps,
-        prefill_chunk=args.chunk_size,
+        chunk_size=args.chunk_size,
         models=models,
         device=args.device,
         seed=args.seed,

@@ -52,7 +52,4 @@ def load_model(path: str | Path) -> nn.Module:
 
     Raises FileNotFoundError / NotADirectoryError / ValueError with one line naming the file and the cause.
     """
-    cls = MODEL_TYPES[model_type_of(path)][1]
-    if cls is TransformerLM:
-        folder.check_safetensors(Path(path) / "model.safetensors")  # a truncated file: say so, by name
-    return cls.from_pretrained(path)
+    return MODEL_TYPES[model_type_of(path)][1].from_pretrained(path)

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from ssmkit.generate import GenerationMixin, check_input_ids, check_num_last_tokens
 from ssmkit.layers.attention import TransformerBlock, sinusoidal_positions
 from ssmkit.models.cache import Cache
+from ssmkit.models.folder import read_config, read_safetensors
 from ssmkit.utils import atomic_save, atomic_write_text, config_from_dict
 
 MODEL_TYPE = "ssmkit-transformer"
@@ -183,32 +184,27 @@ class TransformerLM(GenerationMixin, nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> TransformerLM:
-        """Load a folder written by :meth:`save_pretrained` (strict: every key present, none extra)."""
-        from safetensors.torch import load_file
-
+        """Load a folder written by :meth:`save_pretrained` (strict: every key present, none extra;
+        one-line errors naming the file otherwise)."""
         folder = Path(path)
-        config_path = folder / "config.json"
-        if not config_path.is_file():
-            raise FileNotFoundError(f"{config_path} not found (expected a folder written by save_pretrained)")
-        try:
-            data = json.loads(config_path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{config_path}: not valid JSON ({e})") from None
-        if not isinstance(data, dict) or data.get("model_type") != MODEL_TYPE:
-            got = data.get("model_type") if isinstance(data, dict) else type(data).__name__
-            raise ValueError(f"{config_path} has model_type {got!r}, expected {MODEL_TYPE!r}")
-        model = cls(TransformerConfig.from_dict(data, where=str(config_path)))
+        where = folder / "config.json"
+        data = read_config(folder)
+        if data.get("model_type") != MODEL_TYPE:
+            raise ValueError(f"{where} has model_type {data.get('model_type')!r}, expected {MODEL_TYPE!r}")
+        model = cls(TransformerConfig.from_dict(data, where=str(where)))
         weights = folder / "model.safetensors"
         if not weights.is_file():
-            raise FileNotFoundError(f"{weights} not found")
-        state = load_file(str(weights))
-        if model.config.tie_embeddings:
+            raise FileNotFoundError(f"{weights} not found (a TransformerLM folder holds config.json and it)")
+        state = read_safetensors(weights)
+        if model.config.tie_embeddings and "embedding.weight" in state:
             state["lm_head.weight"] = state["embedding.weight"]
+        expected = set(model.state_dict())
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        if missing or unexpected:
+            raise ValueError(
+                f"{weights} does not match its config.json: "
+                f"missing {missing[:5]}{'…' if len(missing) > 5 else ''}, "
+                f"unexpected {unexpected[:5]}{'…' if len(unexpected) > 5 else ''}"
+            )
         model.load_state_dict(state, strict=True)
         return model
-
-
-def is_transformer_folder(path: str | os.PathLike) -> bool:
-    """True when ``path/config.json`` was written by :meth:`TransformerLM.save_pretrained`."""
-    cfg = Path(path) / "config.json"
-    return cfg.is_file() and json.loads(cfg.read_text()).get("model_type") == MODEL_TYPE
