@@ -66,7 +66,18 @@ def test_train_eval_roundtrip(tmp_path, arch, layer, task):
     assert json.loads((out / "summary.json").read_text())["step"] == 3
     ckpt = out / "checkpoint.safetensors"
     rc = main(
-        ["eval", str(ckpt), "--lengths", "8,12,37", "--examples", "6", "--chunk-size", "5", "--batch-size", "3"]
+        [
+            "eval",
+            str(ckpt),
+            "--lengths",
+            "8,12,37",
+            "--examples",
+            "6",
+            "--chunk-size",
+            "5",
+            "--batch-size",
+            "3",
+        ]
     )
     assert rc == 0
     rows = json.loads((out / "eval.json").read_text())["rows"]
@@ -137,3 +148,35 @@ def test_cli_resume_and_skip(tmp_path, capsys):
     assert rows[1]["skipped"] and rows[1]["acc"] is None and not rows[0]["skipped"]
     with pytest.raises(SystemExit):
         main(["eval", str(out / "checkpoint.safetensors"), "--lengths", "2"])
+
+
+def parsed(*argv):
+    from ssmkit.cli import build_parser
+    from ssmkit.cli.train import configs_from_args
+
+    return configs_from_args(build_parser().parse_args(["train", *argv]))
+
+
+def test_each_task_gets_its_own_defaults_and_given_values_win():
+    """The size/optimisation flags default per task (synthetic vs --task lm); a value the user gives is
+    kept even when it equals the other task's default."""
+    from ssmkit.cli.train import LM_DEFAULTS
+    from ssmkit.tasks import LMTaskConfig, SelectiveCopyingConfig
+    from ssmkit.train.config import TrainConfig
+
+    syn = parsed()
+    assert isinstance(syn.task, SelectiveCopyingConfig) and syn.task.vocab_size == 16
+    assert (syn.model.kind, syn.model.d_model, syn.model.n_layer) == ("sequence", 64, 2)
+    assert syn.train == TrainConfig()
+    lm = parsed("--task", "lm")
+    assert isinstance(lm.task, LMTaskConfig) and lm.model.kind == "mamba_lm"
+    assert (lm.model.d_model, lm.model.n_layer) == (LM_DEFAULTS["d_model"], LM_DEFAULTS["n_layer"])
+    assert all(getattr(lm.train, k) == v for k, v in LM_DEFAULTS.items() if hasattr(lm.train, k))
+    given = parsed("--task", "lm", "--d-model", "64", "--steps", "12000", "--schedule", "wsd")
+    assert (given.model.d_model, given.train.steps, given.train.schedule) == (64, 12000, "wsd")
+    assert given.train.lr == LM_DEFAULTS["lr"]  # not given: the LM default
+    assert parsed("--steps", "400").train.steps == 400 and parsed("--steps", "400").model.d_model == 64
+    tr = parsed("--task", "lm", "--model", "transformer", "--n-head", "2", "--eval-chunk-size", "64")
+    assert (tr.model.kind, tr.model.n_head, tr.train.eval_chunk_size) == ("transformer_lm", 2, 64)
+    res = parsed("--resume", "x/checkpoint.safetensors", "--total-steps", "9", "--no-time-limit")
+    assert (res.total_steps, res.no_time_limit, str(res.checkpoint)) == (9, True, "x/checkpoint.safetensors")

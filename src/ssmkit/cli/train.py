@@ -15,6 +15,7 @@ is known.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import time
 from pathlib import Path
@@ -139,23 +140,35 @@ def add_parser(sub) -> None:
 
 
 def _run(args) -> int:
-    """Parse the flags into configs and hand them to the one training driver."""
+    """Hand the configs to the one training driver."""
+    from ssmkit.train.run import RunConfig, resume, run
+
+    config = configs_from_args(args)
+    with flag_error(vars(args)):
+        return run(config) if isinstance(config, RunConfig) else resume(config)
+
+
+def configs_from_args(args):
+    """The parsed flags as the driver's typed config: a ``RunConfig``, or a ``ResumeConfig`` with --resume.
+
+    The flags that default to None are filled in here from the defaults of the task asked for. Does no
+    work beyond building (and so validating) the configs.
+    """
     from ssmkit.tasks import TASKS
     from ssmkit.tasks.lm import LMTaskConfig
     from ssmkit.train.config import TrainConfig
-    from ssmkit.train.run import ModelChoice, ResumeConfig, RunConfig, resume, run
+    from ssmkit.train.run import ModelChoice, ResumeConfig, RunConfig
 
+    args = argparse.Namespace(**vars(args))  # the caller's namespace stays as parsed
     with flag_error(vars(args)):
         if args.resume is not None:
-            return resume(
-                ResumeConfig(
-                    checkpoint=args.resume,
-                    out=args.out,
-                    total_steps=args.total_steps,
-                    no_time_limit=args.no_time_limit,
-                    progress=args.progress,
-                    threads=args.threads,
-                )
+            return ResumeConfig(
+                checkpoint=args.resume,
+                out=args.out,
+                total_steps=args.total_steps,
+                no_time_limit=args.no_time_limit,
+                progress=args.progress,
+                threads=args.threads,
             )
         if args.total_steps is not None or args.no_time_limit:
             raise ValueError("--total-steps and --no-time-limit only apply with --resume")
@@ -177,4 +190,4 @@ def _run(args) -> int:
         model = dataclass_from_args(ModelChoice, args, kind=kind)
         train = dataclass_from_args(TrainConfig, args)
         out = args.out or Path("ssmkit-out") / time.strftime(f"train-{args.task}-%Y%m%d-%H%M%S")
-        return run(RunConfig(task=task, model=model, train=train, out=out, threads=args.threads))
+        return RunConfig(task=task, model=model, train=train, out=out, threads=args.threads)
