@@ -174,6 +174,7 @@ def test_reference_twin_agrees():
         (dict(x=torch.zeros(2, 3)), "x must be"),
         (dict(x=torch.zeros(1, 3, 0)), "x must be"),
         (dict(weight=torch.zeros(4, 4)), "weight must have shape"),
+        (dict(weight=torch.zeros(3, 0)), "weight must have K >= 1 taps"),
         (dict(bias=torch.zeros(4)), "bias must have shape"),
         (dict(history=torch.zeros(1, 3, 4)), "history must have shape"),
         (dict(weight=torch.zeros(3, 4, dtype=torch.float64)), "weight must have x's dtype"),
@@ -184,3 +185,60 @@ def test_bad_input(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         causal_conv1d_silu(**args)
+
+
+def _same_nonfinite(actual, expected, what):
+    """NaN / +inf / -inf at the same positions; finite values close (relative to the largest)."""
+    a, e = actual.detach().double(), expected.detach().double()
+    for kind, test in (("NaN", torch.isnan), ("+inf", torch.isposinf), ("-inf", torch.isneginf)):
+        bad = test(a) != test(e)
+        assert not bad.any(), f"{what}: {kind} differs at {bad.nonzero()[:4].tolist()}: {a[bad][:4].tolist()}"
+    fin = torch.isfinite(e)
+    scale = max(e[fin].abs().max().item(), 1.0) if fin.any() else 1.0
+    torch.testing.assert_close(a[fin], e[fin], rtol=1e-4, atol=1e-4 * scale, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("impl", [_cpp_apply, _torch_apply], ids=["cpp", "torch"])
+@pytest.mark.parametrize("seed", range(12))
+def test_nonfinite_values_propagate_as_in_f_conv1d(impl, seed):
+    """NaN/±inf planted in x, the weights, the bias or the history give what SiLU(F.conv1d(...)) gives —
+    forward and every gradient (the C++ kernel gave SiLU(−inf) = −inf instead of NaN)."""
+    g = torch.Generator().manual_seed(100 + seed)
+    x, w, bb, h = make(2, 5, 9, 4, True, True, dtype=torch.float32, seed=seed)
+    tensors = [x, w, bb, h]
+    for _ in range(1 + seed % 3):
+        t = tensors[int(torch.randint(0, 4 if seed % 2 else 1, (1,), generator=g))]
+        value = (float("nan"), float("inf"), -float("inf"))[int(torch.randint(0, 3, (1,), generator=g))]
+        t.view(-1)[int(torch.randint(0, t.numel(), (1,), generator=g))] = value
+    grad_y = torch.randn(2, 5, 9, generator=g)
+    ref_args = [t.clone().requires_grad_() for t in tensors]
+    args = [t.clone().requires_grad_() for t in tensors]
+    y_ref = causal_conv1d_silu_reference(*ref_args)
+    y = impl(*args)
+    _same_nonfinite(y, y_ref, "out")
+    for name, a, r in zip(("x", "weight", "bias", "history"), args, ref_args):
+        (ga,) = torch.autograd.grad(y, a, grad_y, retain_graph=True)
+        (gr,) = torch.autograd.grad(y_ref, r, grad_y, retain_graph=True)
+        _same_nonfinite(ga, gr, f"grad {name}")
+
+
+@pytest.mark.parametrize("impl", [_cpp_apply, _torch_apply], ids=["cpp", "torch"])
+@pytest.mark.parametrize("value", [float("inf"), -float("inf"), float("nan")])
+def test_silu_of_a_nonfinite_preactivation(impl, value):
+    x = torch.tensor([[[1.0, value, 2.0]]], requires_grad=True)
+    w = torch.tensor([[0.0, 1.0]], requires_grad=True)  # the pre-activation is x itself
+    y = impl(x, w, None, None)
+    expected = F.silu(torch.tensor(value))  # +inf -> inf; -inf -> NaN (-inf · 0); NaN -> NaN
+    assert torch.equal(y[0, 0, 1].isnan(), expected.isnan()) and (expected.isnan() or y[0, 0, 1] == expected)
+    (gx,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    assert gx[0, 0, 1].isnan()  # SiLU'(±inf) and SiLU'(NaN) are NaN in PyTorch
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 5), (2, 0, 5)])
+def test_empty_batch_or_channels_give_empty_results(shape):
+    x = torch.randn(*shape, requires_grad=True)
+    w = torch.randn(shape[1], 4, requires_grad=True)
+    y = causal_conv1d_silu(x, w)
+    assert y.shape == shape
+    gx, gw = torch.autograd.grad(y.sum(), (x, w), allow_unused=True)
+    assert gx.shape == shape and gw.shape == (shape[1], 4) and torch.count_nonzero(gw) == 0

@@ -161,6 +161,8 @@ def causal_conv1d_silu(
             f"weight must have shape (d, K) or (d, 1, K) with d = {d}, got {tuple(weight.shape)}"
         )
     K = weight.shape[1]
+    if K < 1:
+        raise ValueError(f"weight must have K >= 1 taps, got shape {tuple(weight.shape)}")
     if bias is not None and tuple(bias.shape) != (d,):
         raise ValueError(f"bias must have shape (d,) = ({d},), got {tuple(bias.shape)}")
     if history is not None and tuple(history.shape) != (b, d, K - 1):

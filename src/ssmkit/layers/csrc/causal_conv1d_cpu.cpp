@@ -14,6 +14,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -21,6 +23,23 @@ namespace {
 // exp's argument is capped here: under -ffast-math (finite-math-only) an overflowing expf (a < −88.7)
 // may come back as inf or garbage and a / (1 + inf) as NaN. SiLU(a) for a < −88 is below 1e-36 anyway.
 constexpr float kExpMax = 88.f;
+
+// Non-finite pre-activations get PyTorch's answers, decided on the bits (under -ffast-math the compiler
+// may assume isinf/isnan false): SiLU(+inf) = +inf, SiLU(−inf) = −inf · 0 = NaN, SiLU(NaN) = NaN, and
+// SiLU'(a) = NaN for all three (σ(a)(1 + a(1 − σ(a))) meets inf · 0).
+inline uint32_t bits(float a) {
+  uint32_t b;
+  std::memcpy(&b, &a, sizeof b);
+  return b;
+}
+inline float nan_value() {
+  const uint32_t b = 0x7fc00000u;
+  float a;
+  std::memcpy(&a, &b, sizeof a);
+  return a;
+}
+inline bool nonfinite(float a) { return (bits(a) & 0x7fffffffu) >= 0x7f800000u; }
+inline float silu_of_nonfinite(float a) { return bits(a) == 0x7f800000u ? a : nan_value(); }
 
 // a[t] = bias + sum_k w[k] * xp[t + k],  xp = [hist (K-1), x (l)]; rows computed into `a` (length l).
 inline void preact(const float* x, const float* hist, const float* w, float bias, int64_t K, int64_t l,
@@ -66,7 +85,10 @@ torch::Tensor fwd(torch::Tensor x, torch::Tensor w, torch::Tensor bias, torch::T
       float* a = yp + r * l;
       preact(xp + ib * sxb + c * sxc, hp ? hp + r * (K - 1) : nullptr, wp + c * K, bp ? bp[c] : 0.f, K, l, a);
 #pragma omp simd
-      for (int64_t t = 0; t < l; ++t) a[t] = a[t] / (1.f + std::exp(std::min(-a[t], kExpMax)));
+      for (int64_t t = 0; t < l; ++t) {
+        const float v = a[t], y = v / (1.f + std::exp(std::min(-v, kExpMax)));
+        a[t] = nonfinite(v) ? silu_of_nonfinite(v) : y;
+      }
     }
   });
   return y;
@@ -108,7 +130,7 @@ std::vector<torch::Tensor> bwd(torch::Tensor x, torch::Tensor w, torch::Tensor b
       for (int64_t t = 0; t < l; ++t) {  // g' = gy * SiLU'(a) = gy * σ(a) (1 + a (1 - σ(a)))
         const float a = g[t];
         const float s = 1.f / (1.f + std::exp(std::min(-a, kExpMax)));
-        g[t] = gyr[t] * s * (1.f + a * (1.f - s));
+        g[t] = nonfinite(a) ? nan_value() : gyr[t] * s * (1.f + a * (1.f - s));
         db += g[t];
       }
       dbp[r] = db;
