@@ -25,6 +25,7 @@ from ssmkit.models.sequence import SequenceModel, SequenceModelConfig
 from ssmkit.models.transformer_lm import TransformerConfig, TransformerLM
 from ssmkit.tasks import build_task
 from ssmkit.train.checkpoint import model_state, read_checkpoint
+from ssmkit.utils import config_from_dict
 
 __all__ = ["build_model", "build_task", "load_trained", "model_spec", "sequence_model_spec", "task_spec"]
 
@@ -49,19 +50,21 @@ def model_spec(config: ModelConfig) -> dict:
     )
 
 
-def build_model(spec: dict) -> torch.nn.Module:
+def build_model(spec: dict, where: str = "model spec") -> torch.nn.Module:
     """A freshly initialised float32 model from its spec (uses the current torch RNG).
 
-    ``.float()`` makes the training dtype explicit whatever torch's default dtype is.
+    The config is read strictly: an unknown key or a wrong type is one ValueError naming ``where`` (e.g.
+    the checkpoint). ``.float()`` makes the training dtype explicit whatever torch's default dtype is.
     """
-    kind = spec.get("kind")
+    kind, config = spec.get("kind"), spec.get("config")
+    where = f"{where} ({kind})"
     if kind == "sequence":
-        return SequenceModel.from_config(SequenceModelConfig(**spec["config"])).float()
+        return SequenceModel.from_config(config_from_dict(SequenceModelConfig, config, where)).float()
     if kind == "mamba_lm":
-        return MambaLM(MambaConfig(**spec["config"])).float()
+        return MambaLM(MambaConfig.from_dict(config, where)).float()
     if kind == "transformer_lm":
-        return TransformerLM(TransformerConfig(**spec["config"])).float()
-    raise ValueError(f"model spec kind must be 'sequence', 'mamba_lm' or 'transformer_lm', got {kind!r}")
+        return TransformerLM(TransformerConfig.from_dict(config, where)).float()
+    raise ValueError(f"{where}: kind must be 'sequence', 'mamba_lm' or 'transformer_lm', got {kind!r}")
 
 
 def task_spec(name: str, seq_len: int, vocab_size: int, seed: int = 0, n_tokens: int = 16) -> dict:
@@ -74,6 +77,6 @@ def load_trained(path: str | Path) -> tuple[torch.nn.Module, dict]:
     tensors, header = read_checkpoint(path)
     if "model" not in header:
         raise ValueError(f"{path} has no model spec (was it written by ssmkit train?)")
-    model = build_model(header["model"])
+    model = build_model(header["model"], where=f"{path}: model spec")
     model.load_state_dict(model_state(tensors), strict=True)
     return model.eval(), header
