@@ -12,7 +12,6 @@ References: Gu et al., HiPPO (NeurIPS 2020) §3 (LegS reconstruction); S4 (ICLR 
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -22,24 +21,15 @@ from matplotlib.figure import Figure
 from numpy.polynomial import legendre
 
 from ssmkit.lti import continuous_response, convolve, discretize, hippo, kernel, recurrent, scan, scan_system
+from ssmkit.utils import atomic_save, atomic_write_text
 
 METHODS = ("euler", "backward_euler", "bilinear", "zoh")
 DTS = (0.1, 0.05, 0.025, 0.0125)
 
 
 def _save_figure(fig: Figure, path: Path) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
     FigureCanvasAgg(fig)
-    fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
-    return path
-
-
-def _save_text(text: str, path: Path) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    return atomic_save(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
 
 
 def _random_stable(n: int, g: torch.Generator) -> torch.Tensor:
@@ -179,8 +169,8 @@ def write_error_table(out_dir: Path, rows) -> list[Path]:
     )
     print(md)
     return [
-        _save_text(csv, out_dir / "lti_discretization_errors.csv"),
-        _save_text(md, out_dir / "lti_discretization_errors.md"),
+        atomic_write_text(out_dir / "lti_discretization_errors.csv", csv),
+        atomic_write_text(out_dir / "lti_discretization_errors.md", md),
     ]
 
 

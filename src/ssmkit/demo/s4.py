@@ -11,13 +11,13 @@ LegS matrix, whose low-rank term makes the kernels die out faster than the diago
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import torch
 
 from ssmkit.layers.s4 import S4
 from ssmkit.layers.s4d import S4D
+from ssmkit.utils import atomic_save
 
 D_STATE = 64
 LENGTH = 1024
@@ -70,9 +70,6 @@ def run(out_dir: Path) -> list[Path]:
     fig.suptitle(f"SSM convolution kernels at initialisation (N = {D_STATE}, same C, no training)")
     fig.tight_layout()
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "s4_kernels.png"
-    tmp = out_dir / ".s4_kernels.png.tmp"
-    fig.savefig(tmp, dpi=120, format="png")
+    path = atomic_save(out_dir / "s4_kernels.png", lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)
     return [path]
