@@ -17,6 +17,7 @@ from ssmkit.tasks.copying import Copying, CopyingConfig, copying_batch
 from ssmkit.tasks.induction_heads import InductionHeads, InductionHeadsConfig, induction_heads_batch
 from ssmkit.tasks.lm import LMTask, LMTaskConfig
 from ssmkit.tasks.selective_copying import SelectiveCopying, SelectiveCopyingConfig, selective_copying_batch
+from ssmkit.utils import config_from_dict
 
 TASKS = {
     "selective-copying": (SelectiveCopying, SelectiveCopyingConfig),
@@ -51,8 +52,9 @@ def build_task(spec: dict, verbose: bool = False) -> Task:
     the (cached) token file are rebuilt."""
     name = spec.get("task")
     if name == "lm":
-        fields = {k: v for k, v in spec.items() if k != "task"}
-        return LMTask.from_config(LMTaskConfig(**fields), verbose)
+        return LMTask.from_config(
+            config_from_dict(LMTaskConfig, spec, "task spec", ignore=("task",)), verbose
+        )
     return make_task(name, spec["seq_len"], spec["vocab_size"], spec.get("seed", 0), spec.get("n_tokens", 16))
 
 
