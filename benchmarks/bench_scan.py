@@ -18,8 +18,9 @@ kernel's peak-RSS counter (``/proc/self/clear_refs``) after building its inputs 
 VmHWM − VmRSS: the extra memory of that one call. The machine limit runs the fused kernel's inner
 loop (the same vector exps and FMAs) on one in-cache tile and reports state updates per second.
 
-    python benchmarks/bench_scan.py                     # l = 512 2048 8192, writes docs/benchmarks.md
-    python benchmarks/bench_scan.py --lengths 2048 --no-write
+    python benchmarks/bench_scan.py                     # l = 512 2048 8192, prints the table
+    python benchmarks/bench_scan.py --lengths 2048 --impls "ours (cpu)" --no-memory   # a short check
+    python benchmarks/bench_scan.py --write-docs        # also replace the section of docs/benchmarks.md
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from ssmkit.utils import atomic_write_text
 
 D_MODEL_INNER, D_STATE = 1536, 16
 SEQUENTIAL_BWD_MAX_L = 512
@@ -259,7 +262,12 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=5, help="timed runs per case (median reported)")
     p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS, help="implementations to run")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    p.add_argument("--no-write", action="store_true", help="print only; do not update docs/benchmarks.md")
+    p.add_argument(
+        "--write-docs",
+        action="store_true",
+        help="also replace the '## Selective scan' section of docs/benchmarks.md with this run's table "
+        "(default: print only)",
+    )
     p.add_argument(
         "--skip-fwdbwd-above",
         nargs="+",
@@ -313,8 +321,21 @@ def main(argv=None) -> None:
         table += "\n\n" + "\n".join(interleaved_limit(2048, sorted({1, args.threads}), max(args.repeats, 7)))
     print()
     print(table)
-    if not args.no_write:
+    if args.write_docs:
         write_section(Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md", table)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (as ``lscpu`` prints it), from /proc/cpuinfo."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
 
 
 def render(rows, limit, args, command, load) -> str:
@@ -335,6 +356,7 @@ def render(rows, limit, args, command, load) -> str:
         "“× ours” = that row's time / ours (cpu) at the same l (higher = ours faster). Peak = extra RSS of "
         f"one call in a fresh process (MiB). A case whose warm-up took > {SLOW_CASE_S:.0f} s is timed by "
         "that one run (marked). "
+        f"CPU model: {cpu_model()}. "
         f"Machine: {os.cpu_count()} CPUs shared with other work; 1-min load average {load[0]:.1f} at the "
         f"start,"
         f" {load[1]:.1f} at the end — absolute times are noisy, compare ratios within the run.",
@@ -377,10 +399,10 @@ def render(rows, limit, args, command, load) -> str:
 
 
 def targets(rows, limit) -> list[str]:
-    """The issue's targets, evaluated on this run's numbers (measured, not asserted)."""
+    """The performance targets, evaluated on this run's numbers (measured, not asserted)."""
     by = {(r["l"], r["impl"]): r for r in rows}
     met = lambda ok: "met" if ok else "NOT met"  # noqa: E731
-    out = ["Targets (issue 4), from this run:", ""]
+    out = ["Targets, from this run:", ""]
 
     def speedup(l, impl, m):
         o, r = by.get((l, "ours (cpu)")), by.get((l, impl))
@@ -430,10 +452,7 @@ def write_section(path: Path, table: str) -> None:
         text = text[:start] + body + ("\n" + text[nxt + 1 :] if nxt != -1 else "")
     else:
         text = text.rstrip("\n") + "\n\n" + body
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
     print(f"wrote {path}")
 
 
