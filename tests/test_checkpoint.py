@@ -184,7 +184,7 @@ def test_generic_transformers_keys_are_accepted_and_ignored(tmp_path):
         ({"d_intermediate": 64}, "d_intermediate"),
         ({"attn_layer_idx": [1]}, "attn_layer_idx"),
         ({"rms_norm": False}, "rms_norm"),
-        ({"ssm_cfg": {"layer": "Mamba2"}}, "model type 'mamba2' is not a Mamba-1 model"),
+        ({"ssm_cfg": {"layer": "Mamba3"}}, "ssm_cfg.layer 'Mamba3' is not a mamba-ssm layer"),
     ],
 )
 def test_unsupported_mamba_ssm_configs(tmp_path, change, match):

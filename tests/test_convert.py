@@ -101,4 +101,8 @@ def test_convert_of_a_transformer_folder_says_what_convert_does(tmp_path, capsys
     TransformerLM(TransformerConfig(d_model=16, n_layer=1, vocab_size=32, n_head=2)).save_pretrained(tmp_path)
     assert main(["convert", str(tmp_path), str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
-    assert "'ssmkit-transformer'" in err and "converts Mamba-1 checkpoints" in err and err.count("\n") == 1
+    assert (
+        "'ssmkit-transformer'" in err
+        and "converts Mamba-1 and Mamba-2 checkpoints" in err
+        and err.count("\n") == 1
+    )

@@ -6,7 +6,8 @@ max |logit|) in float32 and greedy generation of 20 tokens must be identical. Mo
 configs with random weights; nothing is downloaded (HF_HUB_OFFLINE=1).
 
 The ``SSMKIT_MAMBA_130M`` test reproduces transformers' CPU integration values for
-state-spaces/mamba-130m-hf (reference/mamba.md §2.5) from a local copy, and is skipped otherwise.
+state-spaces/mamba-130m-hf (its tests/models/mamba integration test) from a local copy, and is skipped
+otherwise.
 """
 
 import os

@@ -2,11 +2,14 @@
 
 Public API (re-exports only; each name is imported on first use so that ``import ssmkit`` stays light).
 
-    ssmkit.lti            discretize, recurrent, kernel, convolve, scan, hippo, nplr, continuous_response
+    ssmkit.lti            discretize, recurrent, kernel, convolve, scan, hippo, nplr, expm, continuous_response
     selective_scan        the S6 operator (reference / chunked / cpu backends)
-    RMSNorm, Mamba        layers                     S4D, S4          LTI layers
-    MambaConfig, MambaLM  the Mamba language model          TransformerConfig, TransformerLM  its baseline
-    SequenceModelConfig, SequenceModel  the ablation models    Cache, generate  the state protocol, decoding
+    ssd, ssd_step         the Mamba-2 (SSD) operator and its one-token step (reference / chunked)
+    RMSNorm, Mamba, Mamba2, S4D, S4                 layers
+    MambaConfig, Mamba2Config, MambaLM              the Mamba language model (Mamba-1 or Mamba-2 mixers)
+    TransformerConfig, TransformerLM                its Transformer baseline
+    SequenceModelConfig, SequenceModel              the ablation models (Mamba paper, Table 1 / 11)
+    Cache, generate                                 the one state protocol; decoding
 """
 
 from importlib import import_module
@@ -15,11 +18,15 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "selective_scan": "ssmkit.scan",
+    "ssd": "ssmkit.scan.ssd",
+    "ssd_step": "ssmkit.scan.ssd",
     "RMSNorm": "ssmkit.layers.norm",
     "Mamba": "ssmkit.layers.mamba",
+    "Mamba2": "ssmkit.layers.mamba2",
     "S4D": "ssmkit.layers.s4d",
     "S4": "ssmkit.layers.s4",
     "MambaConfig": "ssmkit.models.config",
+    "Mamba2Config": "ssmkit.models.config",
     "MambaLM": "ssmkit.models.mamba_lm",
     "TransformerConfig": "ssmkit.models.transformer_lm",
     "TransformerLM": "ssmkit.models.transformer_lm",

@@ -1,7 +1,7 @@
 """Sampling and the autoregressive decode loop over a model's recurrent cache.
 
 The logit processors are small pure functions on (b, v) logits, applied in this order (transformers'
-order; mamba-ssm's ``utils/generation.py`` is the reference for the loop, reference/mamba.md §1.7):
+order; mamba-ssm's ``utils/generation.py`` is the reference for the loop):
 
     1. repetition penalty (CTRL, Keskar et al. 2019, arXiv 1909.05858): for every token id already in the
        sequence (prompt included) the logit s becomes s / θ if s > 0 else s · θ;

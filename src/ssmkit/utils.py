@@ -1,13 +1,13 @@
 """Helpers every layer of ssmkit uses, kept once (the bottom of the import graph: imports no ssmkit module).
 
-    atomic_write(path)           write a file so that a crash or a kill leaves the old file or the new one,
-                                 never a torn one (temporary file in the same folder, fsync, rename)
-    atomic_save(path, writer)    the same for libraries that write to a path (safetensors, matplotlib)
-    remove_stale_temps(folder)   delete the temporary files a killed atomic write left behind
-    count_parameters(model)      number of distinct parameters (a tied weight counts once)
-    parse_list(text, kind)       "1,2,4" -> [1, 2, 4], with a one-line error naming the argument
-    config_from_dict(cls, data)  build a config dataclass from a JSON dict: unknown keys and wrong types
-                                 are one ValueError naming the file, the key, the expected and the received
+atomic_write(path)           write a file so that a crash or a kill leaves the old file or the new one,
+                             never a torn one (temporary file in the same folder, fsync, rename)
+atomic_save(path, writer)    the same for libraries that write to a path (safetensors, matplotlib)
+remove_stale_temps(folder)   delete the temporary files a killed atomic write left behind
+count_parameters(model)      number of distinct parameters (a tied weight counts once)
+parse_list(text, kind)       "1,2,4" -> [1, 2, 4], with a one-line error naming the argument
+config_from_dict(cls, data)  build a config dataclass from a JSON dict: unknown keys and wrong types
+                             are one ValueError naming the file, the key, the expected and the received
 """
 
 from __future__ import annotations
@@ -136,12 +136,14 @@ def parse_list(text: str, kind: type = int, name: str = "value") -> list:
         try:
             out.append(kind(s))
         except ValueError:
-            raise ValueError(f"{name}: expected a comma-separated list of {kind.__name__}, got {s!r}") from None
+            raise ValueError(
+                f"{name}: expected a comma-separated list of {kind.__name__}, got {s!r}"
+            ) from None
     return out
 
 
 def _type_ok(value, annotation) -> bool:
-    """Whether a JSON value fits a dataclass field annotation (int, float, bool, str, dict, list, Optional)."""
+    """Whether a JSON value fits a dataclass field annotation (int, float, bool, str, list, Optional)."""
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         return any(_type_ok(value, a) for a in typing.get_args(annotation))
@@ -155,6 +157,8 @@ def _type_ok(value, annotation) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if annotation is str:
         return isinstance(value, str)
+    if origin in (tuple, list):  # JSON has only arrays: a tuple field accepts a list
+        return isinstance(value, (list, tuple))
     if origin is not None:
         annotation = origin
     if isinstance(annotation, type):

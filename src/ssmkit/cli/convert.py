@@ -15,7 +15,7 @@ from pathlib import Path
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "convert",
-        help="convert a Mamba LM checkpoint between Hugging Face and mamba-ssm formats",
+        help="convert a Mamba / Mamba-2 LM checkpoint between Hugging Face and mamba-ssm formats",
         description="Read SRC (Hugging Face or mamba-ssm folder, detected from config.json) and write DST "
         "in the format given by --to, with SRC's tokenizer files.",
     )
@@ -25,7 +25,7 @@ def add_parser(sub) -> None:
         "--to",
         choices=["hf", "mamba-ssm"],
         default="hf",
-        help="hf: config.json + model.safetensors (transformers MambaForCausalLM); "
+        help="hf: config.json + model.safetensors (transformers MambaForCausalLM / Mamba2ForCausalLM); "
         "mamba-ssm: config.json + pytorch_model.bin (MambaLMHeadModel). Default hf.",
     )
     p.add_argument(
@@ -38,14 +38,14 @@ def add_parser(sub) -> None:
 
 
 def _run(args) -> int:
-    from ssmkit.models.checkpoint import MODEL_TYPE, convert_checkpoint
+    from ssmkit.models.checkpoint import MODEL_TYPES, convert_checkpoint
     from ssmkit.models.load import model_type_of
 
     found = model_type_of(args.src)
-    if found != MODEL_TYPE:
+    if found not in MODEL_TYPES:
         raise ValueError(
-            f"{args.src} holds a model of type {found!r}; `ssmkit convert` converts Mamba-1 checkpoints "
-            f"(model type {MODEL_TYPE!r}) between the Hugging Face and mamba-ssm formats"
+            f"{args.src} holds a model of type {found!r}; `ssmkit convert` converts Mamba-1 and Mamba-2 "
+            f"checkpoints (model types {list(MODEL_TYPES)}) between the Hugging Face and mamba-ssm formats"
         )
     config = convert_checkpoint(args.src, args.dst, to=args.to, force=args.force)
     print(

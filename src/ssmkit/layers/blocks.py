@@ -1,8 +1,7 @@
 """Residual blocks for the Mamba paper's ablation: architecture × inner sequence layer.
 
 Reference: Gu & Dao, "Mamba" (arXiv 2312.00752), §4.1.1 and Table 1 (Selective Copying with arch ∈
-{no gate, H3, Mamba} × layer ∈ {S4, S6}); Fu, Dao et al., "Hungry Hungry Hippos" (H3, ICLR 2023, §3.1);
-reference/mamba.md §1.2, §6.1.
+{no gate, H3, Mamba} × layer ∈ {S4, S6}); Fu, Dao et al., "Hungry Hungry Hippos" (H3, ICLR 2023, §3.1).
 
 Every block is pre-norm residual, ``out = x + mixer(RMSNorm(x))``, and the mixer is one of:
 

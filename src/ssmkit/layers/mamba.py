@@ -9,8 +9,8 @@ For an input sequence u (b, l, d_model):
     y      = selective_scan(x, Δ, A = -exp(A_log), B, C, D, z)     (ssmkit.selective_scan, with SiLU(z) gate)
     out    = out_proj(y)
 
-The parameter names, shapes and initialisation are those of ``mamba_ssm.modules.mamba_simple.Mamba``
-(reference/mamba.md §1.2), so state dicts move between the two unchanged:
+The parameter names, shapes and initialisation are those of ``mamba_ssm.modules.mamba_simple.Mamba``,
+so state dicts move between the two unchanged:
 ``dt_proj.bias`` = softplus⁻¹ of a log-uniform Δ in [dt_min, dt_max] (floored at dt_init_floor) and
 marked ``_no_reinit``; ``dt_proj.weight`` ~ U(±dt_rank^-½·dt_scale) (or that constant); ``A_log`` =
 log(1..N) per channel (S4D-Real); ``D`` = 1; every other weight keeps PyTorch's default. The model-level

@@ -45,12 +45,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ssmkit.models.config import MambaConfig
+from ssmkit.models.config import Mamba2Config, MambaConfig
 from ssmkit.models.folder import WEIGHT_FILES, model_type, read_config, read_weights, weight_files
 from ssmkit.utils import atomic_save, atomic_write_text, config_from_dict
 
 FORMATS = ("hf", "mamba-ssm")
-MODEL_TYPE = "mamba"  # the model type MambaLM reads (transformers' name for Mamba-1)
+MODEL_TYPE = "mamba"  # Mamba-1 (transformers' name)
+MODEL_TYPE_2 = "mamba2"  # Mamba-2 (transformers' name)
+MODEL_TYPES = (MODEL_TYPE, MODEL_TYPE_2)  # what MambaLM reads
+AnyMambaConfig = MambaConfig | Mamba2Config
 
 # HF config keys we map to MambaConfig fields.
 _HF_MAPPED = {
@@ -113,20 +116,60 @@ _SSM_CFG_MAPPED = {
 }  # fmt: skip
 _SSM_CFG_IGNORED = {"layer", "use_fast_path"}  # layer is checked as the model type; the other is speed only
 
+# Mamba-2: transformers' Mamba2Config keys we map, with the value transformers assumes when a key is absent
+# (its defaults differ from mamba-ssm's: n_groups 8, untied embeddings).
+_HF2_MAPPED = {
+    "hidden_size": "d_model",
+    "num_hidden_layers": "n_layer",
+    "vocab_size": "vocab_size",
+    "state_size": "d_state",
+    "conv_kernel": "d_conv",
+    "expand": "expand",
+    "head_dim": "headdim",
+    "n_groups": "ngroups",
+    "time_step_min": "dt_min",
+    "time_step_max": "dt_max",
+    "time_step_floor": "dt_init_floor",
+    "time_step_limit": "dt_limit",
+    "use_conv_bias": "conv_bias",
+    "use_bias": "bias",
+    "chunk_size": "chunk_size",
+    "layer_norm_epsilon": "norm_eps",
+    "residual_in_fp32": "residual_in_fp32",
+    "tie_word_embeddings": "tie_embeddings",
+}
+_HF2_DEFAULTS = {
+    "state_size": 128, "conv_kernel": 4, "expand": 2, "head_dim": 64, "n_groups": 8, "use_bias": False,
+    "use_conv_bias": True, "chunk_size": 256, "layer_norm_epsilon": 1e-5, "residual_in_fp32": True,
+    "tie_word_embeddings": False, "time_step_min": 0.001, "time_step_max": 0.1, "time_step_floor": 1e-4,
+}  # fmt: skip
+# checked: num_heads (= expand·hidden_size / head_dim), rms_norm (must be true); time_step_rank is
+# computed by transformers but unused by a Mamba-2 mixer, hence ignored with the generic keys.
+_HF2_CHECKED = {"model_type", "hidden_act", "num_heads", "rms_norm", "pad_vocab_size_multiple"}
+_HF2_IGNORED = (_HF_IGNORED - {"d_model", "n_layer", "ssm_cfg"}) | {"time_step_rank", "norm_before_gate"}
+_SSM2_CFG_MAPPED = {
+    "d_state", "d_conv", "expand", "headdim", "ngroups", "A_init_range", "D_has_hdim", "rmsnorm",
+    "norm_before_gate", "dt_min", "dt_max", "dt_init_floor", "dt_limit", "bias", "conv_bias", "chunk_size",
+}  # fmt: skip
+# checked: d_ssm (must be the whole inner width); ignored: speed-only switches and the conv init scale.
+_SSM2_CFG_IGNORED = {"layer", "use_mem_eff_path", "conv_init", "d_ssm"}
+
 # Tokenizer files a conversion carries over from the source folder.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 # ---------------------------------------------------------------------------- configs
-def _build_config(kwargs: dict[str, Any], where: str, names: dict[str, str] | None = None) -> MambaConfig:
-    """``config_from_dict(MambaConfig, ...)`` with every message naming ``where`` and, through ``names``
+def _build_config(
+    kwargs: dict[str, Any], where: str, names: dict[str, str] | None = None, cls: type = MambaConfig
+) -> AnyMambaConfig:
+    """``config_from_dict(cls, ...)`` with every message naming ``where`` and, through ``names``
     (ours -> the file's), the key as the file spells it."""
     try:
-        return config_from_dict(MambaConfig, kwargs, where)
+        return config_from_dict(cls, kwargs, where)
     except ValueError as err:
         msg = str(err)
         for ours, theirs in (names or {}).items():
-            msg = re.sub(rf"\b(?:MambaConfig\.)?{ours}\b(?= must)", theirs, msg)
+            msg = re.sub(rf"\b(?:Mamba2?Config\.)?{ours}\b(?= must)", theirs, msg)
         raise ValueError(msg if msg.startswith(where) else f"{where}: {msg}") from None
 
 
@@ -192,7 +235,76 @@ def config_to_hf(config: MambaConfig) -> dict[str, Any]:
     }
 
 
-def config_from_mamba_ssm(d: dict[str, Any], where: str = "mamba-ssm config.json") -> MambaConfig:
+def config2_from_hf(d: dict[str, Any], where: str = "Hugging Face config.json") -> Mamba2Config:
+    """Mamba2Config from a transformers ``Mamba2Config`` dict; absent keys take transformers' defaults."""
+    unknown = sorted(set(d) - set(_HF2_MAPPED) - _HF2_CHECKED - _HF2_IGNORED)
+    if unknown:
+        raise ValueError(
+            f"{where}: unknown keys {unknown} for a Hugging Face Mamba-2 config (ssmkit reads "
+            f"{sorted(_HF2_MAPPED)} and ignores only keys that do not change the weights' meaning)"
+        )
+    for key in ("hidden_size", "num_hidden_layers", "vocab_size"):
+        if key not in d:
+            raise ValueError(f"{where} lacks required field {key!r}")
+    if d.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{where}: only hidden_act='silu' is supported, got {d['hidden_act']!r}")
+    if d.get("rms_norm", True) is not True:
+        raise ValueError(f"{where}: rms_norm must be true (transformers' Mamba2 always has the gated norm)")
+    full = {**_HF2_DEFAULTS, **d}
+    if isinstance(full.get("time_step_limit"), list):  # transformers 5 writes ∞ as {"__float__": "Infinity"}
+        full["time_step_limit"] = [
+            float(v["__float__"]) if isinstance(v, dict) and set(v) == {"__float__"} else v
+            for v in full["time_step_limit"]
+        ]
+    kwargs = {ours: full[hf] for hf, ours in _HF2_MAPPED.items() if hf in full}
+    vocab, pad = d["vocab_size"], d.get("pad_vocab_size_multiple", 1)
+    pad = pad if isinstance(pad, int) and isinstance(vocab, int) and pad > 0 and vocab % pad == 0 else 1
+    kwargs["pad_vocab_size_multiple"] = pad
+    config = _build_config(kwargs, where, {ours: hf for hf, ours in _HF2_MAPPED.items()}, Mamba2Config)
+    if "num_heads" in d and d["num_heads"] != config.nheads:
+        raise ValueError(
+            f"{where}: num_heads={d['num_heads']!r} must equal expand*hidden_size/head_dim = {config.nheads}"
+        )
+    return config
+
+
+def config2_to_hf(config: Mamba2Config) -> dict[str, Any]:
+    """transformers ``Mamba2Config`` dict for ``config`` (vocab_size is the padded size)."""
+    if config.D_has_hdim or not config.rmsnorm or config.norm_before_gate:
+        raise ValueError(
+            "transformers' Mamba2 has D per head, the gated RMSNorm and norm_before_gate=False; this config "
+            f"has D_has_hdim={config.D_has_hdim}, rmsnorm={config.rmsnorm}, "
+            f"norm_before_gate={config.norm_before_gate} (save it in mamba-ssm format instead)"
+        )
+    return {
+        "architectures": ["Mamba2ForCausalLM"],
+        "model_type": MODEL_TYPE_2,
+        "hidden_size": config.d_model,
+        "num_hidden_layers": config.n_layer,
+        "vocab_size": config.padded_vocab_size,
+        "state_size": config.d_state,
+        "conv_kernel": config.d_conv,
+        "expand": config.expand,
+        "head_dim": config.headdim,
+        "num_heads": config.nheads,
+        "n_groups": config.ngroups,
+        "time_step_min": config.dt_min,
+        "time_step_max": config.dt_max,
+        "time_step_floor": config.dt_init_floor,
+        "time_step_limit": list(config.dt_limit),
+        "use_conv_bias": config.conv_bias,
+        "use_bias": config.bias,
+        "chunk_size": config.chunk_size,
+        "hidden_act": "silu",
+        "layer_norm_epsilon": config.norm_eps,
+        "residual_in_fp32": config.residual_in_fp32,
+        "tie_word_embeddings": config.tie_embeddings,
+        "rescale_prenorm_residual": False,
+        "dtype": "float32",
+    }
+
+
+def config_from_mamba_ssm(d: dict[str, Any], where: str = "mamba-ssm config.json") -> AnyMambaConfig:
     """MambaConfig from a mamba-ssm ``MambaConfig`` dict (config.json); ValueError naming ``where``."""
     unknown = sorted(set(d) - _MAMBA_SSM_KEYS)
     if unknown:
@@ -216,16 +328,24 @@ def config_from_mamba_ssm(d: dict[str, Any], where: str = "mamba-ssm config.json
     if not isinstance(ssm_cfg, dict):
         raise ValueError(f"{where}: ssm_cfg must be a JSON object, got {ssm_cfg!r}")
     layer = ssm_cfg.get("layer", "Mamba1")
-    if layer != "Mamba1":
-        raise ValueError(
-            f"{where}: ssm_cfg.layer must be 'Mamba1' (model type {MODEL_TYPE!r}), got {layer!r}"
-        )
-    unknown = sorted(set(ssm_cfg) - _SSM_CFG_MAPPED - _SSM_CFG_IGNORED)
+    if layer not in ("Mamba1", "Mamba2"):
+        raise ValueError(f"{where}: ssm_cfg.layer must be 'Mamba1' or 'Mamba2', got {layer!r}")
+    mapped, ignored = (
+        (_SSM_CFG_MAPPED, _SSM_CFG_IGNORED) if layer == "Mamba1" else (_SSM2_CFG_MAPPED, _SSM2_CFG_IGNORED)
+    )
+    unknown = sorted(set(ssm_cfg) - mapped - ignored)
     if unknown:
         raise ValueError(
-            f"{where}: unknown ssm_cfg keys {unknown} (known: {sorted(_SSM_CFG_MAPPED | _SSM_CFG_IGNORED)})"
+            f"{where}: unknown ssm_cfg keys {unknown} for {layer} (known: {sorted(mapped | ignored)})"
         )
-    kwargs = {k: v for k, v in ssm_cfg.items() if k in _SSM_CFG_MAPPED}
+    if layer == "Mamba2" and ssm_cfg.get("d_ssm") is not None:
+        d_inner = ssm_cfg.get("expand", 2) * d["d_model"]
+        if ssm_cfg["d_ssm"] != d_inner:
+            raise ValueError(
+                f"{where}: ssm_cfg.d_ssm={ssm_cfg['d_ssm']!r} differs from expand*d_model={d_inner} "
+                "(a Mamba-2 mixer with an MLP part is not supported)"
+            )
+    kwargs = {k: v for k, v in ssm_cfg.items() if k in mapped}
     for key in (
         "d_model",
         "n_layer",
@@ -236,10 +356,10 @@ def config_from_mamba_ssm(d: dict[str, Any], where: str = "mamba-ssm config.json
     ):
         if key in d:
             kwargs[key] = d[key]
-    return _build_config(kwargs, where)
+    return _build_config(kwargs, where, cls=MambaConfig if layer == "Mamba1" else Mamba2Config)
 
 
-def config_to_mamba_ssm(config: MambaConfig) -> dict[str, Any]:
+def config_to_mamba_ssm(config: AnyMambaConfig) -> dict[str, Any]:
     """mamba-ssm ``MambaConfig`` dict for ``config`` (its norm ε is fixed at 1e-5)."""
     if config.norm_eps != 1e-5:
         raise ValueError(f"mamba-ssm format fixes norm_eps at 1e-5, config has norm_eps={config.norm_eps}")
@@ -248,7 +368,7 @@ def config_to_mamba_ssm(config: MambaConfig) -> dict[str, Any]:
         "d_intermediate": 0,
         "n_layer": config.n_layer,
         "vocab_size": config.vocab_size,
-        "ssm_cfg": {"layer": "Mamba1", **config.mixer_kwargs()},
+        "ssm_cfg": {"layer": config.layer, **_json_ready(config.mixer_kwargs())},
         "attn_layer_idx": [],
         "attn_cfg": {},
         "rms_norm": True,
@@ -268,22 +388,58 @@ def detect_format(d: dict[str, Any], where: str = "config.json") -> str:
     raise ValueError(f"{where} has neither 'hidden_size' (Hugging Face) nor 'd_model' (mamba-ssm)")
 
 
-def config_from_file(d: dict[str, Any], where: str = "config.json") -> MambaConfig:
-    """MambaConfig from a config.json dict of either format, after checking its model type."""
+def config_from_file(d: dict[str, Any], where: str = "config.json") -> AnyMambaConfig:
+    """MambaConfig (Mamba-1) or Mamba2Config from a config.json dict of either format, after checking its
+    model type."""
     found = model_type(d, where)
-    if found != MODEL_TYPE:
+    if found not in MODEL_TYPES:
         raise ValueError(
-            f"{where}: model type {found!r} is not a Mamba-1 model; MambaLM reads model type "
-            f"{MODEL_TYPE!r} (ssmkit.models.load.load_model dispatches on the type)"
+            f"{where}: model type {found!r} is not a Mamba model; MambaLM reads model types "
+            f"{list(MODEL_TYPES)} (ssmkit.models.load.load_model dispatches on the type)"
         )
     if detect_format(d, where) == "hf":
-        return config_from_hf(d, where)
+        return config_from_hf(d, where) if found == MODEL_TYPE else config2_from_hf(d, where)
     return config_from_mamba_ssm(d, where)
 
 
 # ---------------------------------------------------------------------------- state dicts
-def expected_shapes(config: MambaConfig) -> dict[str, tuple[int, ...]]:
+def _mamba2_mixer_shapes(config: Mamba2Config, p: str) -> dict[str, tuple[int, ...]]:
+    """The Mamba-2 mixer's keys (prefix ``p``) with their shapes (mamba-ssm's and transformers' names)."""
+    D, E, N, H, G, W = (
+        config.d_model,
+        config.d_inner,
+        config.d_state,
+        config.nheads,
+        config.ngroups,
+        config.d_conv,
+    )
+    conv_dim = E + 2 * G * N  # x, B, C
+    shapes = {p + "in_proj.weight": (2 * E + 2 * G * N + H, D)}  # [z, x, B, C, dt]
+    if config.bias:
+        shapes[p + "in_proj.bias"] = (2 * E + 2 * G * N + H,)
+    shapes[p + "conv1d.weight"] = (conv_dim, 1, W)
+    if config.conv_bias:
+        shapes[p + "conv1d.bias"] = (conv_dim,)
+    shapes[p + "dt_bias"] = (H,)
+    shapes[p + "A_log"] = (H,)
+    shapes[p + "D"] = (E,) if config.D_has_hdim else (H,)
+    if config.rmsnorm:
+        shapes[p + "norm.weight"] = (E,)
+    shapes[p + "out_proj.weight"] = (D, E)
+    if config.bias:
+        shapes[p + "out_proj.bias"] = (D,)
+    return shapes
+
+
+def expected_shapes(config: AnyMambaConfig) -> dict[str, tuple[int, ...]]:
     """Every key of ``MambaLM(config).state_dict()`` (mamba-ssm names) with its shape."""
+    if isinstance(config, Mamba2Config):
+        D, V = config.d_model, config.padded_vocab_size
+        shapes = {"backbone.embedding.weight": (V, D)}
+        for i in range(config.n_layer):
+            shapes[f"backbone.layers.{i}.norm.weight"] = (D,)
+            shapes.update(_mamba2_mixer_shapes(config, f"backbone.layers.{i}.mixer."))
+        return {**shapes, "backbone.norm_f.weight": (D,), "lm_head.weight": (V, D)}
     D, E, N, R, W, V = (
         config.d_model,
         config.d_inner,
@@ -315,7 +471,9 @@ def expected_shapes(config: MambaConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_state_dict(config: MambaConfig, state_dict: dict[str, Tensor], source: str = "checkpoint") -> None:
+def check_state_dict(
+    config: AnyMambaConfig, state_dict: dict[str, Tensor], source: str = "checkpoint"
+) -> None:
     """Raise one ValueError listing every missing, unexpected and mis-shaped key (mamba-ssm names)."""
     expected = expected_shapes(config)
     missing = [k for k in expected if k not in state_dict]
@@ -341,7 +499,7 @@ def check_state_dict(config: MambaConfig, state_dict: dict[str, Tensor], source:
         raise ValueError(f"{source} does not match the config: " + "; ".join(problems))
 
 
-def load_checkpoint(path: str | Path) -> tuple[MambaConfig, dict[str, Tensor]]:
+def load_checkpoint(path: str | Path) -> tuple[AnyMambaConfig, dict[str, Tensor]]:
     """Read a local folder (HF or mamba-ssm format) into (config, state dict with mamba-ssm keys).
 
     The state dict is complete and validated against the config (tied heads filled in), so it loads into
@@ -367,8 +525,15 @@ def load_checkpoint(path: str | Path) -> tuple[MambaConfig, dict[str, Tensor]]:
 
 
 # ---------------------------------------------------------------------------- writing
-def _config_dict(config: MambaConfig, format: str) -> dict[str, Any]:
-    return config_to_hf(config) if format == "hf" else config_to_mamba_ssm(config)
+def _config_dict(config: AnyMambaConfig, format: str) -> dict[str, Any]:
+    if format == "hf":
+        return config_to_hf(config) if isinstance(config, MambaConfig) else config2_to_hf(config)
+    return config_to_mamba_ssm(config)
+
+
+def _json_ready(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Tuples as lists (JSON arrays), as mamba-ssm's own config.json holds them."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
 
 
 def _write_json(target: Path, data: dict[str, Any]) -> None:
@@ -376,7 +541,7 @@ def _write_json(target: Path, data: dict[str, Any]) -> None:
 
 
 def save_checkpoint(
-    path: str | Path, config: MambaConfig, state_dict: dict[str, Tensor], format: str = "hf"
+    path: str | Path, config: AnyMambaConfig, state_dict: dict[str, Tensor], format: str = "hf"
 ) -> None:
     """Write ``config.json`` and weights for ``state_dict`` (mamba-ssm keys) in ``format``.
 
@@ -405,7 +570,9 @@ def save_checkpoint(
     _write_json(folder / "config.json", config_dict)
 
 
-def convert_checkpoint(src: str | Path, dst: str | Path, to: str = "hf", force: bool = False) -> MambaConfig:
+def convert_checkpoint(
+    src: str | Path, dst: str | Path, to: str = "hf", force: bool = False
+) -> AnyMambaConfig:
     """Convert a checkpoint folder to ``to`` format without building a model. Returns the config.
 
     ``dst`` must be empty or missing, unless ``force``: then the weight files of the other format (and

@@ -1,4 +1,4 @@
-"""Configuration of the Mamba language model, with mamba-ssm's field names.
+"""Configurations of the Mamba language models, with mamba-ssm's field names: Mamba-1 and Mamba-2.
 
 ``MambaConfig`` is the flattened union of mamba-ssm's ``MambaConfig`` (d_model, n_layer, vocab_size,
 residual_in_fp32, pad_vocab_size_multiple, tie_embeddings) and the keyword arguments of its ``Mamba``
@@ -6,8 +6,17 @@ mixer (``ssm_cfg``: d_state, d_conv, expand, dt_rank, dt_*, conv_bias, bias). Th
 transformers' names (hidden_size, state_size, ...) lives in ``ssmkit.models.checkpoint``. Reference: Gu &
 Dao 2023 (arXiv 2312.00752) §3.4 and mamba-ssm's ``mamba_ssm/models/config_mamba.py``.
 
+``Mamba2Config`` is the same flattening for mamba-ssm's ``ssm_cfg={"layer": "Mamba2", ...}``: the model
+fields plus the keyword arguments of its ``Mamba2`` mixer, with *that* mixer's defaults (d_state 128,
+headdim 64, ...). Two classes rather than one with a layer switch because the two mixers have different
+arguments and different defaults (mamba-ssm's ``ssm_cfg`` gets its defaults from the mixer class it
+names; transformers, too, has ``MambaConfig`` and ``Mamba2Config``); ``MambaLM`` takes either and builds
+the matching mixer in every block. Reference: Dao & Gu 2024 (arXiv 2405.21060), mamba-ssm's
+``mamba_ssm/modules/mamba2.py``.
+
 Glossary: d_model D; n_layer the number of blocks; d_state N; d_inner = expand·D; dt_rank R;
-padded_vocab_size V_pad (vocab_size rounded up to a multiple of pad_vocab_size_multiple).
+padded_vocab_size V_pad (vocab_size rounded up to a multiple of pad_vocab_size_multiple); Mamba-2:
+headdim P, nheads H = d_inner / P, ngroups G (heads share B and C within a group).
 """
 
 from __future__ import annotations
@@ -21,6 +30,8 @@ from ssmkit.utils import config_from_dict
 
 @dataclass
 class MambaConfig:
+    layer = "Mamba1"  # the mixer every block holds (mamba-ssm's ssm_cfg["layer"]); not a field
+
     """Hyper-parameters of :class:`ssmkit.MambaLM` (mamba-ssm names and defaults)."""
 
     d_model: int
@@ -131,4 +142,142 @@ class MambaConfig:
     def from_dict(cls, data: dict[str, Any], where: str = "MambaConfig") -> MambaConfig:
         """Build from a dict with these field names, strictly: an unknown key or a value of the wrong
         type is one ValueError naming ``where`` (e.g. the file it came from) and the key."""
+        return config_from_dict(cls, data, where)
+
+
+@dataclass
+class Mamba2Config:
+    """Hyper-parameters of :class:`ssmkit.MambaLM` with Mamba-2 mixers (mamba-ssm names and defaults)."""
+
+    layer = "Mamba2"  # the mixer every block holds (mamba-ssm's ssm_cfg["layer"]); not a field
+
+    d_model: int
+    """Model width D (embedding and residual size)."""
+    n_layer: int
+    """Number of Mamba-2 blocks."""
+    vocab_size: int
+    """Number of real tokens; the embedding is padded up to ``padded_vocab_size`` rows."""
+    d_state: int = 128
+    """SSM state size N per head."""
+    d_conv: int = 4
+    """Width of the causal depthwise convolution over x, B and C."""
+    expand: int = 2
+    """Expansion factor: d_inner = expand · d_model."""
+    headdim: int = 64
+    """Head size P; nheads = d_inner / P (A, Δ and D are per head)."""
+    ngroups: int = 1
+    """Number of groups G sharing B and C (nheads must be a multiple of it)."""
+    A_init_range: tuple[float, float] = (1.0, 16.0)
+    """A = −U(A_init_range) per head at initialisation."""
+    D_has_hdim: bool = False
+    """D per head-dimension channel (d_inner,) instead of per head (nheads,)."""
+    rmsnorm: bool = True
+    """Gated RMSNorm before out_proj (mamba-ssm's ``rmsnorm``); False: y ⊙ SiLU(z) without a norm."""
+    norm_before_gate: bool = False
+    """Gated norm order: False = norm(y ⊙ SiLU(z)) (mamba-ssm's default), True = norm(y) ⊙ SiLU(z)."""
+    dt_min: float = 1e-3
+    """Lower end of the log-uniform initial Δ."""
+    dt_max: float = 0.1
+    """Upper end of the log-uniform initial Δ."""
+    dt_init_floor: float = 1e-4
+    """Lower clamp of the initial Δ."""
+    dt_limit: tuple[float, float] = (0.0, math.inf)
+    """Δ is clamped to this range after the softplus."""
+    conv_bias: bool = True
+    """Whether the convolution has a bias."""
+    bias: bool = False
+    """Whether in_proj and out_proj have biases."""
+    chunk_size: int = 256
+    """Chunk length of the SSD algorithm (speed only; any value gives the same outputs)."""
+    norm_eps: float = 1e-5
+    """ε of every RMSNorm (the blocks', the final one and the gated one)."""
+    residual_in_fp32: bool = True
+    """Keep the residual stream in float32 whatever the parameter dtype."""
+    pad_vocab_size_multiple: int = 8
+    """Round the embedding / head rows up to a multiple of this."""
+    tie_embeddings: bool = True
+    """Share the LM head weight with the embedding."""
+
+    def __post_init__(self) -> None:
+        self.A_init_range = tuple(float(v) for v in self.A_init_range)
+        self.dt_limit = tuple(float(v) for v in self.dt_limit)
+        for name in (
+            "d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand", "headdim", "ngroups",
+            "chunk_size", "pad_vocab_size_multiple",
+        ):  # fmt: skip
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"Mamba2Config.{name} must be a positive int, got {value!r}")
+        if self.d_inner % self.headdim:
+            raise ValueError(
+                f"Mamba2Config: d_inner = expand·d_model = {self.d_inner} must be a multiple of "
+                f"headdim={self.headdim}"
+            )
+        if self.nheads % self.ngroups:
+            raise ValueError(
+                f"Mamba2Config: nheads = {self.nheads} must be a multiple of ngroups={self.ngroups}"
+            )
+        lo, hi = self.A_init_range if len(self.A_init_range) == 2 else (0, -1)
+        if not 0 < lo <= hi:
+            raise ValueError(
+                f"Mamba2Config.A_init_range must be (lo, hi) with 0 < lo <= hi, got {self.A_init_range}"
+            )
+        lo, hi = self.dt_limit if len(self.dt_limit) == 2 else (0, -1)
+        if not 0 <= lo < hi:
+            raise ValueError(f"Mamba2Config.dt_limit must be (lo, hi) with 0 <= lo < hi, got {self.dt_limit}")
+        if not 0 < self.dt_min <= self.dt_max:
+            raise ValueError(
+                f"Mamba2Config needs 0 < dt_min <= dt_max, got dt_min={self.dt_min}, dt_max={self.dt_max}"
+            )
+        if not self.norm_eps > 0:
+            raise ValueError(f"Mamba2Config.norm_eps must be > 0, got {self.norm_eps!r}")
+        for name in ("D_has_hdim", "rmsnorm", "norm_before_gate", "conv_bias", "bias", "residual_in_fp32",
+                     "tie_embeddings"):  # fmt: skip
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"Mamba2Config.{name} must be a bool, got {getattr(self, name)!r}")
+
+    @property
+    def d_inner(self) -> int:
+        """Inner width E·D of each mixer (mamba-ssm's d_ssm: the whole inner width is the SSM)."""
+        return self.expand * self.d_model
+
+    @property
+    def nheads(self) -> int:
+        """Number of heads H = d_inner / headdim."""
+        return self.d_inner // self.headdim
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """vocab_size rounded up to a multiple of pad_vocab_size_multiple (mamba-ssm's rule)."""
+        m = self.pad_vocab_size_multiple
+        return self.vocab_size + (-self.vocab_size) % m
+
+    def mixer_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :class:`ssmkit.layers.mamba2.Mamba2` (mamba-ssm's ``ssm_cfg``)."""
+        return {
+            "d_state": self.d_state,
+            "d_conv": self.d_conv,
+            "expand": self.expand,
+            "headdim": self.headdim,
+            "ngroups": self.ngroups,
+            "A_init_range": self.A_init_range,
+            "D_has_hdim": self.D_has_hdim,
+            "rmsnorm": self.rmsnorm,
+            "norm_before_gate": self.norm_before_gate,
+            "dt_min": self.dt_min,
+            "dt_max": self.dt_max,
+            "dt_init_floor": self.dt_init_floor,
+            "dt_limit": self.dt_limit,
+            "bias": self.bias,
+            "conv_bias": self.conv_bias,
+            "chunk_size": self.chunk_size,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of the fields (JSON-serialisable; dt_limit's ∞ is written as JSON's Infinity)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "Mamba2Config") -> Mamba2Config:
+        """Build from a dict with these field names, strictly (unknown keys / wrong types: one ValueError)."""
         return config_from_dict(cls, data, where)

@@ -9,6 +9,8 @@ by its ``ssm_cfg.layer``, see ``ssmkit.models.folder.model_type``):
 
     "mamba"               Mamba-1: transformers' MambaForCausalLM or mamba-ssm's MambaLMHeadModel folder
                           -> MambaLM.from_pretrained
+    "mamba2"              Mamba-2: transformers' Mamba2ForCausalLM or mamba-ssm's MambaLMHeadModel with
+                          ssm_cfg.layer "Mamba2" -> MambaLM.from_pretrained (Mamba-2 mixers)
     "ssmkit-transformer"  written by TransformerLM.save_pretrained -> TransformerLM.from_pretrained
 
 This is the only module that imports both model classes (``checkpoint`` and ``folder`` import neither:
@@ -29,6 +31,7 @@ from ssmkit.models.transformer_lm import TransformerLM
 # model_type -> (what it is, in words; the class that loads it)
 MODEL_TYPES: dict[str, tuple[str, type[nn.Module]]] = {
     checkpoint.MODEL_TYPE: ("Mamba-1, Hugging Face or mamba-ssm folder", MambaLM),
+    checkpoint.MODEL_TYPE_2: ("Mamba-2, Hugging Face or mamba-ssm folder", MambaLM),
     TRANSFORMER_TYPE: ("ssmkit's Transformer baseline", TransformerLM),
 }
 

@@ -1,12 +1,16 @@
 """The Mamba language model: embedding → n_layer pre-norm Mamba blocks → RMSNorm → LM head.
 
-Reference: Gu & Dao 2023 (arXiv 2312.00752) §3.4 and App. E.2; the module tree, state-dict keys and
-initialisation are those of mamba-ssm's ``MambaLMHeadModel`` (reference/mamba.md §1.5, §1.6, §1.8):
+Reference: Gu & Dao 2023 (arXiv 2312.00752) §3.4 and App. E.2, Dao & Gu 2024 (Mamba-2, arXiv
+2405.21060); the module tree, state-dict keys and initialisation are those of mamba-ssm's
+``MambaLMHeadModel`` (``mamba_ssm/models/mixer_seq_simple.py``). The mixer of every block is Mamba-1
+(``ssmkit.layers.mamba.Mamba``) for a :class:`MambaConfig`, Mamba-2 (``ssmkit.layers.mamba2.Mamba2``) for a
+:class:`Mamba2Config` — one model class, as in mamba-ssm, because everything but the mixer (embedding,
+norms, residual, head, cache, generation, checkpoint layout) is shared:
 
     backbone.embedding.weight              (V_pad, D)     N(0, 0.02)
     backbone.layers.{i}.norm.weight        (D,)           ones
-    backbone.layers.{i}.mixer.*            see ssmkit.layers.mamba (out_proj.weight rescaled by 1/√n_layer,
-                                                          Linear biases zeroed except dt_proj.bias)
+    backbone.layers.{i}.mixer.*            see ssmkit.layers.mamba / mamba2 (out_proj.weight rescaled by
+                                                          1/√n_layer; Linear biases zeroed but dt_proj.bias)
     backbone.norm_f.weight                 (D,)
     lm_head.weight                         (V_pad, D)     tied to the embedding unless tie_embeddings=False
 
@@ -16,7 +20,8 @@ which equals mamba-ssm's fused "Add → Norm → Mixer" ordering and transformer
 
 Cached inference (ssmkit's one state protocol, ``ssmkit.models.cache``): ``cache = model.new_cache(b)``;
 ``model(ids, cache=cache)`` consumes any number of new tokens and continues from the cache (one
-:class:`~ssmkit.layers.mamba.MambaState` per layer, constant size in the sequence length). Prefill,
+:class:`~ssmkit.layers.mamba.MambaState` or ``Mamba2State`` per layer, constant size in the sequence
+length). Prefill,
 chunked prefill and one-token decoding are one code path.
 
 Glossary: D d_model; V_pad padded vocabulary; l sequence length; b batch.
@@ -32,23 +37,29 @@ from torch import Tensor, nn
 
 from ssmkit.generate import GenerationMixin, check_input_ids, check_num_last_tokens
 from ssmkit.layers.mamba import Mamba, MambaState
+from ssmkit.layers.mamba2 import Mamba2, Mamba2State
 from ssmkit.layers.norm import RMSNorm
 from ssmkit.models.cache import Cache
-from ssmkit.models.config import MambaConfig
+from ssmkit.models.config import Mamba2Config, MambaConfig
 
 
 class MambaBlock(nn.Module):
-    """Pre-norm residual block: ``out = residual + mixer(norm(x))``, residual kept in float32 if asked."""
+    """Pre-norm residual block: ``out = residual + mixer(norm(x))``, residual kept in float32 if asked.
 
-    def __init__(self, config: MambaConfig, layer_idx: int, device=None, dtype=None):
+    The mixer is ``Mamba`` for a :class:`MambaConfig` and ``Mamba2`` for a :class:`Mamba2Config`."""
+
+    def __init__(self, config: MambaConfig | Mamba2Config, layer_idx: int, device=None, dtype=None):
         super().__init__()
         self.residual_in_fp32 = config.residual_in_fp32
         self.norm = RMSNorm(config.d_model, eps=config.norm_eps, device=device, dtype=dtype)
-        self.mixer = Mamba(
+        mixer = Mamba if config.layer == "Mamba1" else Mamba2
+        self.mixer = mixer(
             config.d_model, layer_idx=layer_idx, device=device, dtype=dtype, **config.mixer_kwargs()
         )
+        if config.layer == "Mamba2" and config.rmsnorm:
+            self.mixer.norm.eps = config.norm_eps  # transformers' gated norm uses layer_norm_epsilon too
 
-    def forward(self, hidden_states: Tensor, state: MambaState | None = None) -> Tensor:
+    def forward(self, hidden_states: Tensor, state: MambaState | Mamba2State | None = None) -> Tensor:
         residual = hidden_states.float() if self.residual_in_fp32 else hidden_states  # (b, l, d)
         mixed = self.mixer(self.norm(hidden_states.to(self.norm.weight.dtype)), state=state)  # (b, l, d)
         return residual + mixed  # (b, l, d)
@@ -57,7 +68,7 @@ class MambaBlock(nn.Module):
 class MambaBackbone(nn.Module):
     """Embedding, blocks and final norm (mamba-ssm's ``MixerModel``; key prefix ``backbone.``)."""
 
-    def __init__(self, config: MambaConfig, device=None, dtype=None):
+    def __init__(self, config: MambaConfig | Mamba2Config, device=None, dtype=None):
         super().__init__()
         self.embedding = nn.Embedding(config.padded_vocab_size, config.d_model, device=device, dtype=dtype)
         self.layers = nn.ModuleList(
@@ -73,7 +84,7 @@ class MambaBackbone(nn.Module):
 
 
 def init_weights(model: nn.Module, n_layer: int, initializer_range: float = 0.02) -> None:
-    """mamba-ssm's ``_init_weights`` (reference/mamba.md §1.6), in place.
+    """mamba-ssm's ``_init_weights`` (``mamba_ssm/models/mixer_seq_simple.py``), in place.
 
     Zero every Linear bias except those marked ``_no_reinit`` (dt_proj.bias); embeddings N(0,
     initializer_range); every ``out_proj.weight`` re-drawn with kaiming_uniform(a=√5) and divided by
@@ -96,13 +107,13 @@ class MambaLM(GenerationMixin, nn.Module):
     """Mamba language model with mamba-ssm ``MambaLMHeadModel`` state-dict keys.
 
     Args:
-        config: :class:`MambaConfig`.
+        config: :class:`MambaConfig` (Mamba-1 mixers) or :class:`Mamba2Config` (Mamba-2 mixers).
     """
 
-    def __init__(self, config: MambaConfig, device=None, dtype=None):
+    def __init__(self, config: MambaConfig | Mamba2Config, device=None, dtype=None):
         super().__init__()
-        if not isinstance(config, MambaConfig):
-            raise ValueError(f"config must be a MambaConfig, got {type(config).__name__}")
+        if not isinstance(config, (MambaConfig, Mamba2Config)):
+            raise ValueError(f"config must be a MambaConfig or a Mamba2Config, got {type(config).__name__}")
         self.config = config
         self.backbone = MambaBackbone(config, device=device, dtype=dtype)
         self.lm_head = nn.Linear(
