@@ -2,7 +2,7 @@
 
 Public API (re-exports only; each name is imported on first use so that ``import ssmkit`` stays light).
 
-    ssmkit.lti            discretize, recurrent, kernel, convolve, scan, hippo, nplr, expm, continuous_response
+    ssmkit.lti  discretize, recurrent, kernel, convolve, scan, hippo, nplr, expm, continuous_response
     selective_scan        the S6 operator (reference / chunked / cpu backends)
     ssd, ssd_step         the Mamba-2 (SSD) operator and its one-token step (reference / chunked)
     RMSNorm, Mamba, Mamba2, S4D, S4                 layers
