@@ -40,12 +40,18 @@ from torch import Tensor
 
 def segsum(a: Tensor) -> Tensor:
     """Stable segment sum: a (..., L) -> (..., L, L) with out[..., t, s] = a_{s+1} + … + a_t for s ≤ t
-    (0 on the diagonal) and −∞ above it, by a masked cumulative sum down each column."""
+    (0 on the diagonal) and −∞ above it, by a masked cumulative sum down each column (Listing 1's)."""
+    L = a.shape[-1]
+    upper = torch.ones(L, L, dtype=torch.bool, device=a.device).triu(1)  # (L, L) s > t
+    return _segsum_open(a).masked_fill(upper, -torch.inf)  # (..., L, L)
+
+
+def _segsum_open(a: Tensor) -> Tensor:
+    """:func:`segsum` without the −∞ mask: the entries above the diagonal come out 0 (not −∞)."""
     L = a.shape[-1]
     rows = a[..., :, None].expand(*a.shape, L)  # (..., L, L): rows[t, s] = a_t
-    ones = torch.ones(L, L, dtype=torch.bool, device=a.device)  # (L, L)
-    out = rows.masked_fill(~ones.tril(-1), 0.0).cumsum(dim=-2)  # (..., L, L): keep a_t for s < t, sum down
-    return out.masked_fill(~ones.tril(0), -torch.inf)  # (..., L, L)
+    keep = torch.ones(L, L, dtype=torch.bool, device=a.device).tril(-1)  # (L, L) t > s
+    return rows.masked_fill(~keep, 0.0).cumsum(dim=-2)  # (..., L, L): column s sums a_{s+1..t}
 
 
 def ssd_chunked(
@@ -82,29 +88,37 @@ def ssd_chunked(
         starts = F.pad(seq_idx[:, 1:] != seq_idx[:, :-1], (1, 0))  # (b, l) True where a new sequence starts
         a = a.masked_fill(starts[..., None], -torch.inf)  # (b, l, h)
     X = x.to(acc) * dtf[..., None]  # (b, l, h, p)
+    B, C = B.to(acc), C.to(acc)  # (b, l, g, n)
     if pad:
         a = F.pad(a, (0, 0, 0, pad))  # (b, c·L, h)
         X = F.pad(X, (0, 0, 0, 0, 0, pad))  # (b, c·L, h, p)
         B = F.pad(B, (0, 0, 0, 0, 0, pad))
         C = F.pad(C, (0, 0, 0, 0, 0, pad))
-    a = a.view(b, c, L, h).permute(0, 3, 1, 2)  # (b, h, c, L)
-    X = X.view(b, c, L, h, p).permute(0, 3, 1, 2, 4)  # (b, h, c, L, p)
-    Bc = B.to(acc).view(b, c, L, g, n).permute(0, 3, 1, 2, 4)  # (b, g, c, L, n)
-    Cc = C.to(acc).view(b, c, L, g, n).permute(0, 3, 1, 2, 4)  # (b, g, c, L, n)
+    # Two layouts: "natural" (b, c, L, h, ·) — x's own, used for the chunk states and the output — and
+    # "head-major" (b, h, c, L, ·) for the (L, L) blocks. Views wherever BLAS can read them in place.
+    a_h = a.view(b, c, L, h).permute(0, 3, 1, 2)  # (b, h, c, L) view
+    Xc = X.view(b, c, L, h, p)  # (b, c, L, h, p)
+    Bc = B.view(b, c, L, g, n).transpose(2, 3)  # (b, c, g, L, n) view
+    Cc = C.view(b, c, L, g, n).transpose(2, 3)  # (b, c, g, L, n) view
 
-    # 1. intra-chunk: the diagonal blocks, a masked "attention" C Bᵀ with decays exp(segsum(a)).
-    decay = torch.exp(segsum(a))  # (b, h, c, L, L): decay[t, s] = exp(a_{s+1} + … + a_t), 0 for s > t
-    CB = Cc @ Bc.transpose(-1, -2)  # (b, g, c, L, L), once per group
-    M = decay.view(b, g, r, c, L, L) * CB[:, :, None]  # (b, g, r, c, L, L)
-    Y = M.view(b, h, c, L, L) @ X  # (b, h, c, L, p)
+    # 1. intra-chunk: the diagonal blocks, a masked "attention" C Bᵀ with decays exp(segsum(a)). The
+    #    causal mask is applied to C Bᵀ, once per group, instead of to every head's decay matrix.
+    decay = _segsum_open(a_h).exp_()  # (b, h, c, L, L): exp(a_{s+1} + … + a_t) for s ≤ t (1 above)
+    upper = torch.ones(L, L, dtype=torch.bool, device=x.device).triu(1)  # (L, L)
+    CB = (Cc @ Bc.transpose(-1, -2)).masked_fill_(upper, 0.0)  # (b, c, g, L, L), causal
+    M = decay.view(b, g, r, c, L, L) * CB.transpose(1, 2)[:, :, None]  # (b, g, r, c, L, L)
+    Y_diag = M.view(b, h, c, L, L) @ Xc.permute(0, 3, 1, 2, 4)  # (b, h, c, L, p)
 
-    # 2. chunk states: what each chunk adds to the state, from a zero start.
-    to_end = decay[..., -1, :]  # (b, h, c, L): exp(a_{s+1} + … + a_{L-1})
-    Xw = (X * to_end[..., None]).view(b, g, r, c, L, p)  # (b, g, r, c, L, p)
-    local = torch.einsum("bgrclp,bgcln->bgrcpn", Xw, Bc).reshape(b, h, c, p, n)  # (b, h, c, p, n)
+    # 2. chunk states: what each chunk adds to the state from a zero start, Σ_s decay-to-end · X_s ⊗ B_s.
+    to_end = decay[..., -1, :].permute(0, 2, 3, 1)  # (b, c, L, h): exp(a_{s+1} + … + a_{L−1})
+    Xw = (Xc * to_end[..., None]).view(b, c, L, g, r * p)  # (b, c, L, g, r·p)
+    local = (Xw.permute(0, 1, 3, 4, 2) @ Bc).view(b, c, h, p, n)  # (b, c, h, p, n)
 
     # 3. inter-chunk recurrence: the true state at every chunk start, and the final state.
-    a_cum = a.cumsum(dim=-1)  # (b, h, c, L): a_0 + … + a_t within each chunk
+    a_cum = a_h.cumsum(dim=-1)  # (b, h, c, L): a_0 + … + a_t within each chunk
+    if initial_states is None and c == 1:  # one chunk from zero: nothing arrives from earlier chunks
+        y = Y_diag.permute(0, 2, 3, 1, 4).reshape(b, L, h, p)  # (b, l, h, p)
+        return _finish(y, x, D, z, acc), local[:, 0]
     chunk_decay = torch.exp(a_cum[..., -1])  # (b, h, c)
     if initial_states is None:
         state = local.new_zeros(b, h, p, n)  # (b, h, p, n)
@@ -113,18 +127,23 @@ def ssd_chunked(
     start_states = []
     for k in range(c):
         start_states.append(state)
-        state = chunk_decay[:, :, k, None, None] * state + local[:, :, k]  # (b, h, p, n)
-    S = torch.stack(start_states, dim=2).view(b, g, r, c, p, n)  # (b, g, r, c, p, n)
+        state = torch.addcmul(local[:, k], state, chunk_decay[:, :, k, None, None])  # (b, h, p, n)
+    S = torch.stack(start_states, dim=1).view(b, c, g, r * p, n)  # (b, c, g, r·p, n)
 
     # 4. state -> output: the off-diagonal blocks, C_t · S[k] decayed from the chunk start to t.
-    Y_off = torch.einsum("bgcln,bgrcpn->bgrclp", Cc, S).reshape(b, h, c, L, p)  # (b, h, c, L, p)
-    Y = Y + Y_off * torch.exp(a_cum)[..., None]  # (b, h, c, L, p)
+    Y_off = (Cc @ S.transpose(-1, -2)).view(b, c, g, L, r, p).transpose(2, 3)  # (b, c, L, g, r, p)
+    Y_off = Y_off.reshape(b, c, L, h, p)  # (b, c, L, h, p) (a view when g = 1)
+    from_start = torch.exp(a_cum).permute(0, 2, 3, 1)[..., None]  # (b, c, L, h, 1): exp(a_0 + … + a_t)
+    Y = torch.addcmul(Y_diag.permute(0, 2, 3, 1, 4), Y_off, from_start)  # (b, c, L, h, p)
+    y = Y.reshape(b, c * L, h, p)[:, :l]  # (b, l, h, p)
+    return _finish(y, x, D, z, acc), state
 
-    y = Y.permute(0, 2, 3, 1, 4).reshape(b, c * L, h, p)[:, :l]  # (b, l, h, p)
-    xf = x.to(acc)
+
+def _finish(y: Tensor, x: Tensor, D: Tensor | None, z: Tensor | None, acc: torch.dtype) -> Tensor:
+    """y + D x, then · SiLU(z); cast to x's dtype. y (b, l, h, p) in ``acc``."""
     if D is not None:
         Df = D.to(acc)
-        y = y + xf * (Df[:, None] if Df.dim() == 1 else Df)  # (b, l, h, p)
+        y = torch.addcmul(y, x.to(acc), Df[:, None] if Df.dim() == 1 else Df)  # (b, l, h, p)
     if z is not None:
         y = y * F.silu(z.to(acc))  # (b, l, h, p)
-    return y.to(x.dtype), state
+    return y.to(x.dtype)
