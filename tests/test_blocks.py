@@ -13,7 +13,7 @@ from ssmkit.layers.mamba import Mamba
 from ssmkit.models.cache import Cache
 from ssmkit.models.sequence import SequenceModel, SequenceModelConfig
 
-CASES = [(a, l) for a in ARCHS for l in LAYERS]
+CASES = [(a, l) for a in ARCHS if a != "mamba2" for l in LAYERS if l != "ssd"] + [("mamba2", "ssd")]
 
 
 def chunked(module, x, state, sizes):
@@ -46,7 +46,9 @@ def test_block_forward_backward_and_chunks(arch, layer):
     torch.testing.assert_close(y_chunks, y.detach(), rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("arch,layer", [("mamba", "s4d"), ("h3", "s4"), ("none", "s6"), ("mamba", "s6")])
+@pytest.mark.parametrize(
+    "arch,layer", [("mamba", "s4d"), ("h3", "s4"), ("none", "s6"), ("mamba", "s6"), ("mamba2", "ssd")]
+)
 def test_gradients_flow_through_the_state(arch, layer):
     """Chunks with state passing give the same input and parameter gradients as one full forward:
     every state field is replaced, never modified in place."""
@@ -128,7 +130,9 @@ def test_s6_is_built_from_the_mamba_mixers_parts():
     )
 
 
-@pytest.mark.parametrize("arch,layer", [("none", "s4d"), ("h3", "s6"), ("mamba", "s4"), ("mamba", "s6")])
+@pytest.mark.parametrize(
+    "arch,layer", [("none", "s4d"), ("h3", "s6"), ("mamba", "s4"), ("mamba", "s6"), ("mamba2", "ssd")]
+)
 def test_sequence_model_tokens_and_chunks(arch, layer):
     torch.manual_seed(4)
     model = SequenceModel(SequenceModelConfig(11, 8, 2, arch, layer, d_state=4), dtype=torch.float64)
@@ -156,6 +160,10 @@ def test_bad_arguments():
         Block(4, "transformer", "s4d")
     with pytest.raises(ValueError, match="layer"):
         Block(4, "none", "lstm")
+    with pytest.raises(ValueError, match="'ssd' goes with arch 'mamba2'"):
+        Block(4, "mamba", "ssd")
+    with pytest.raises(ValueError, match="'ssd' goes with arch 'mamba2'"):
+        SequenceModelConfig(7, arch="mamba2", layer="s6")
     with pytest.raises(ValueError, match="d_model"):
         Block(4, "none", "s4d")(torch.randn(1, 3, 5))
     model = SequenceModel(SequenceModelConfig(7, 4, 1, "none", "s4d", d_state=4))
@@ -165,3 +173,14 @@ def test_bad_arguments():
         model(torch.zeros(1, 3, dtype=torch.long), cache=Cache([], 1))
     with pytest.raises(ValueError, match="SequenceModelConfig"):
         SequenceModel(7)
+
+
+def test_mamba2_parameters_carry_no_weight_decay_in_the_optimiser_groups():
+    from ssmkit.train.optim import param_groups
+
+    model = SequenceModel(SequenceModelConfig(11, 8, 1, "mamba2", "ssd", d_state=4, headdim=4))
+    groups = param_groups(model, weight_decay=0.1, lr=1e-3)
+    no_decay = {id(p) for g in groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    mixer = model.layers[0].mixer
+    assert {id(mixer.A_log), id(mixer.D), id(mixer.dt_bias)} <= no_decay
+    assert id(mixer.in_proj.weight) not in no_decay

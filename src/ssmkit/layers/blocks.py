@@ -12,6 +12,8 @@ Every block is pre-norm residual, ``out = x + mixer(RMSNorm(x))``, and the mixer
            y = out_proj(SSM(x) ⊙ SiLU(z))                  the Mamba block, SSM swapped
 
 and ``SSM`` ∈ {s4d (``S4D``), s4 (``S4``), s6 (``S6``, the selective scan with its own x_proj/dt_proj)}.
+A fourth arch, ``mamba2`` with layer ``ssd``, is the Mamba-2 mixer (``ssmkit.layers.mamba2.Mamba2``, with
+head size ``headdim``) — the same comparison one generation on (Dao & Gu 2024, arXiv 2405.21060).
 With an LTI layer (s4d, s4) Δ, B, C are parameters; with s6 they are functions of the input. The mamba
 arch with s6 *is* the Mamba mixer (``ssmkit.layers.mamba.Mamba``, used as is).
 
@@ -42,12 +44,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ssmkit.layers.mamba import Mamba, conv1d_silu, init_selective_ssm, selective_ssm
+from ssmkit.layers.mamba2 import Mamba2
 from ssmkit.layers.norm import RMSNorm
 from ssmkit.layers.s4 import S4
 from ssmkit.layers.s4d import S4D
 
-ARCHS = ("none", "h3", "mamba")
-LAYERS = ("s4d", "s4", "s6")
+ARCHS = ("none", "h3", "mamba", "mamba2")
+LAYERS = ("s4d", "s4", "s6", "ssd")  # ssd: the Mamba-2 SSM, only inside the mamba2 arch (its mixer)
 
 
 @dataclass
@@ -226,14 +229,15 @@ class Block(nn.Module):
 
     Args:
         d_model: model width D.
-        arch: "none" | "h3" | "mamba".
-        layer: "s4d" | "s4" | "s6".
+        arch: "none" | "h3" | "mamba" | "mamba2".
+        layer: "s4d" | "s4" | "s6" | "ssd" (ssd only, and always, with mamba2).
         d_state: SSM state size N (even for s4d/s4: N/2 complex pairs).
         d_conv: width of the mamba conv1d and of H3's shift filter.
         expand: d_inner = expand · d_model in the mamba arch.
         s4d_init: S4D initialisation ("lin" | "inv" | "real" | "legs").
         dt_min, dt_max: range of the initial Δ.
         norm_eps: RMSNorm ε.
+        headdim: head size of the mamba2 arch (nheads = expand · d_model / headdim).
     """
 
     def __init__(
@@ -248,6 +252,7 @@ class Block(nn.Module):
         dt_min: float = 1e-3,
         dt_max: float = 0.1,
         norm_eps: float = 1e-5,
+        headdim: int = 16,
         device=None,
         dtype=None,
     ):
@@ -256,12 +261,20 @@ class Block(nn.Module):
             raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
         if layer not in LAYERS:
             raise ValueError(f"layer must be one of {LAYERS}, got {layer!r}")
+        if (arch == "mamba2") != (layer == "ssd"):
+            raise ValueError(
+                f"layer 'ssd' goes with arch 'mamba2' and only with it, got {arch!r} × {layer!r}"
+            )
         if not isinstance(d_model, int) or d_model <= 0:
             raise ValueError(f"d_model must be a positive int, got {d_model!r}")
         f = {"device": device, "dtype": dtype}
         self.d_model, self.arch, self.layer = d_model, arch, layer
         self.norm = RMSNorm(d_model, eps=norm_eps, **f)
-        if arch == "mamba" and layer == "s6":
+        if arch == "mamba2":  # the Mamba-2 mixer itself (it tags its own SSM parameters)
+            self.mixer = Mamba2(
+                d_model, d_state, d_conv, expand=expand, headdim=headdim, dt_min=dt_min, dt_max=dt_max, **f
+            )
+        elif arch == "mamba" and layer == "s6":
             # the Mamba mixer itself (it tags its own SSM parameters, _ssm_optim)
             self.mixer = Mamba(d_model, d_state, d_conv, expand, dt_min=dt_min, dt_max=dt_max, **f)
         elif arch == "mamba":

@@ -36,9 +36,10 @@ class SequenceModelConfig:
     n_layer: int = 2
     """number of residual blocks."""
     arch: str = "mamba"
-    """block architecture: none | h3 | mamba | attention (Transformer baseline, 8 heads)."""
+    """block architecture: none | h3 | mamba | mamba2 | attention (Transformer baseline, 8 heads)."""
     layer: str = "s6"
-    """inner sequence layer: s4d | s4 | s6; for arch attention the positions: abs | rope | none."""
+    """inner sequence layer: s4d | s4 | s6 (ssd with arch mamba2); for arch attention the positions:
+    abs | rope | none."""
     d_state: int = 16
     """SSM state size N (even for s4d/s4)."""
     d_conv: int = 4
@@ -55,9 +56,11 @@ class SequenceModelConfig:
     """RMSNorm ε."""
     tie_embeddings: bool = True
     """share the embedding matrix with the output head."""
+    headdim: int = 16
+    """head size of the mamba2 arch (nheads = expand · d_model / headdim)."""
 
     def __post_init__(self):
-        for name in ("vocab_size", "d_model", "n_layer", "d_state", "d_conv", "expand"):
+        for name in ("vocab_size", "d_model", "n_layer", "d_state", "d_conv", "expand", "headdim"):
             v = getattr(self, name)
             if not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -71,6 +74,10 @@ class SequenceModelConfig:
             raise ValueError(f"arch must be one of {ARCHS + ('attention',)}, got {self.arch!r}")
         if self.layer not in LAYERS:
             raise ValueError(f"layer must be one of {LAYERS}, got {self.layer!r}")
+        if (self.arch == "mamba2") != (self.layer == "ssd"):
+            raise ValueError(
+                f"layer 'ssd' goes with arch 'mamba2' and only with it, got {self.arch!r} × {self.layer!r}"
+            )
 
 
 class SequenceModel(nn.Module):
@@ -107,6 +114,7 @@ class SequenceModel(nn.Module):
                     c.dt_min,
                     c.dt_max,
                     c.norm_eps,
+                    c.headdim,
                     **f,
                 )
                 for _ in range(c.n_layer)
