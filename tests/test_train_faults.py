@@ -236,12 +236,16 @@ def test_tokenizer_folder_without_tokenizer_json_is_one_line(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     argv = [*TINY_LM, "--data", str(tmp_path / "fox.txt"), "--tokenizer", str(tmp_path / "empty")]
     assert main([*argv, "--out", str(tmp_path / "run")]) == 1
-    assert "holds no tokenizer.json" in one_line_error(capsys)
+    err = one_line_error(capsys)
+    assert (
+        err.startswith("error: --tokenizer: expected a tokenizer.json") and "holds no tokenizer.json" in err
+    )
 
 
 def test_data_that_is_a_device_says_what_it_is(tmp_path, capsys):
     assert main([*TINY_LM, "--data", "/dev/zero", "--out", str(tmp_path / "run")]) == 1
     err = one_line_error(capsys)
+    assert err.startswith("error: --data: expected a regular file")
     assert "character device" in err and "does not exist" not in err
 
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import dataclasses
 import inspect
 import typing
+from collections.abc import Iterator
 from functools import partial
 
 from ssmkit.utils import parse_list
@@ -93,18 +95,14 @@ def dataclass_from_args(cls, args, skip: tuple[str, ...] = (), **given):
         return cls(**values)
 
 
-class flag_error:
-    """Context manager: a ValueError "name: …" for ``name`` in ``names`` is re-raised as "--name: …"."""
-
-    def __init__(self, names):
-        self.names = set(names)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, exc, tb):
-        if kind is not None and issubclass(kind, ValueError) and type(exc) is ValueError:
-            name, sep, rest = str(exc).partition(":")
-            if sep and name in self.names:
-                raise ValueError(f"{flag(name)}:{rest}") from None
-        return False
+@contextlib.contextmanager
+def flag_error(names) -> Iterator[None]:
+    """Re-raise a ValueError / FileNotFoundError "name: …" for ``name`` in ``names`` as "--name: …"."""
+    names = set(names)
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as e:
+        name, sep, rest = str(e).partition(":")
+        if type(e) in (ValueError, FileNotFoundError) and sep and name in names:
+            raise type(e)(f"{flag(name)}:{rest}") from None
+        raise
