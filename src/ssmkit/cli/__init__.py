@@ -15,7 +15,7 @@ import sys
 from importlib import import_module
 
 # Subcommand modules, in the order `ssmkit --help` lists them.
-COMMANDS = ["demo", "train", "eval", "generate", "bench", "convert"]
+COMMANDS = ["demo", "train", "eval", "generate", "bench", "convert", "serve"]
 
 # Exceptions that mean "the input was wrong", not "ssmkit is wrong" (see the module docstring).
 USER_ERRORS = (ValueError, OSError)
