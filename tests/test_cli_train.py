@@ -32,7 +32,12 @@ TINY = [
 
 
 @pytest.mark.parametrize(
-    "arch,layer,task", [("mamba", "s6", "induction-heads"), ("attention", "rope", "selective-copying")]
+    "arch,layer,task",
+    [
+        ("mamba", "s6", "induction-heads"),
+        ("attention", "rope", "selective-copying"),
+        ("mamba2", "ssd", "copying"),
+    ],
 )
 def test_train_eval_roundtrip(tmp_path, arch, layer, task):
     out = tmp_path / "run"

@@ -11,7 +11,7 @@ import torch
 
 from ssmkit.data.text import TokenCorpus
 from ssmkit.data.tokenizer import ByteTokenizer
-from ssmkit.models.config import MambaConfig
+from ssmkit.models.config import Mamba2Config, MambaConfig
 from ssmkit.models.mamba_lm import MambaLM
 from ssmkit.models.transformer_lm import TransformerConfig, TransformerLM
 from ssmkit.tasks.lm import LMTask
@@ -55,11 +55,13 @@ def test_validation_set_is_fixed_and_from_the_val_split(task):
     assert task.bits_per_byte(math.log(2)) == pytest.approx(1.0, rel=1e-12)  # bytes: 1 token = 1 byte
 
 
-@pytest.mark.parametrize("kind", ["mamba", "transformer"])
+@pytest.mark.parametrize("kind", ["mamba", "mamba2", "transformer"])
 def test_tiny_lm_learns_repetitive_text(task, kind, tmp_path):
     torch.manual_seed(0)
     if kind == "mamba":
         model = MambaLM(MambaConfig(d_model=32, n_layer=2, vocab_size=256, d_state=8))
+    elif kind == "mamba2":
+        model = MambaLM(Mamba2Config(d_model=32, n_layer=2, vocab_size=256, d_state=8, headdim=16))
     else:
         model = TransformerLM(TransformerConfig(d_model=32, n_layer=2, vocab_size=256, n_head=2, d_mlp=64))
     cfg = TrainConfig(
@@ -211,7 +213,7 @@ def test_cli_train_lm_with_a_tokenizer_json(tmp_path, capsys):
     assert curve[-1]["val_bpb"] == pytest.approx(curve[-1]["val_loss"] / math.log(2) * ratio, rel=1e-9)
 
 
-@pytest.mark.parametrize("kind", ["mamba", "transformer"])
+@pytest.mark.parametrize("kind", ["mamba", "mamba2", "transformer"])
 def test_cli_eval_lm_checkpoint_streams_and_matches_a_full_forward(tmp_path, capsys, kind):
     """`ssmkit eval` on an LM run's checkpoint: the loss at each length (48 tokens streamed through the
     state / KV cache in chunks of 16) equals one full forward's mean cross-entropy over the same windows,
@@ -225,7 +227,7 @@ def test_cli_eval_lm_checkpoint_streams_and_matches_a_full_forward(tmp_path, cap
 
     (tmp_path / "fox.txt").write_text(SENTENCE * 100)
     out = tmp_path / "run"
-    extra = ["--n-head", "2"] if kind == "transformer" else []
+    extra = {"transformer": ["--n-head", "2"], "mamba2": ["--headdim", "16", "--d-state", "8"]}.get(kind, [])
     argv = ["train", "--task", "lm", "--model", kind, "--data", str(tmp_path / "fox.txt"), "--d-model", "32"]
     argv += ["--n-layer", "1", "--seq-len", "16", "--steps", "3", "--batch-size", "4", "--eval-every", "0"]
     argv += ["--eval-examples", "4", "--val-fraction", "0.2", "--out", str(out), "--no-progress", *extra]

@@ -42,7 +42,7 @@ LM_DEFAULTS = {
 MODEL_DEFAULTS = {"d_model": 64, "n_layer": 2, "vocab_size": 16}
 """Defaults of the synthetic tasks' model flags (TrainConfig's own defaults cover the rest)."""
 
-LM_MODELS = {"mamba": "mamba_lm", "transformer": "transformer_lm"}
+LM_MODELS = {"mamba": "mamba_lm", "mamba2": "mamba2_lm", "transformer": "transformer_lm"}
 
 
 def synthetic_defaults() -> dict:
@@ -86,14 +86,21 @@ def add_parser(sub) -> None:
     m = p.add_argument_group("model")
     m.add_argument(
         "--arch",
-        choices=["none", "h3", "mamba", "attention"],
+        choices=["none", "h3", "mamba", "mamba2", "attention"],
         default="mamba",
         help="block architecture of a synthetic task's model (default: mamba)",
     )
     m.add_argument(
         "--layer",
         default="s6",
-        help="inner layer: s4d | s4 | s6; with --arch attention the positions: abs | rope (default: s6)",
+        help="inner layer: s4d | s4 | s6 (ssd with --arch mamba2); with --arch attention the positions: "
+        "abs | rope (default: s6)",
+    )
+    m.add_argument(
+        "--headdim",
+        type=int,
+        default=None,
+        help="Mamba-2 head size (--arch mamba2, --model mamba2; default: 16, --task lm: 64)",
     )
     m.add_argument("--d-model", type=int, default=None, help="model width (default: 64; --task lm: 256)")
     m.add_argument("--n-layer", type=int, default=None, help="number of blocks (default: 2; --task lm: 4)")

@@ -124,10 +124,6 @@ class SequenceModel(nn.Module):
         if c.tie_embeddings:
             self.lm_head.weight = self.embedding.weight
 
-    @classmethod
-    def from_config(cls, cfg: SequenceModelConfig, device=None, dtype=None) -> SequenceModel:
-        return cls(cfg, device=device, dtype=dtype)
-
     def new_cache(self, batch_size: int) -> Cache:
         """Zero state for ``batch_size`` sequences: one block state per layer."""
         return Cache([blk.new_state(batch_size) for blk in self.layers], batch_size)

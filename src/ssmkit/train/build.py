@@ -5,6 +5,7 @@ Specs are plain JSON stored in every training checkpoint, so ``ssmkit eval CKPT`
 
     model: {"kind": "sequence", "config": {SequenceModelConfig fields}}   (SSM ablation or attention)
            {"kind": "mamba_lm", "config": {MambaConfig fields}}
+           {"kind": "mamba2_lm", "config": {Mamba2Config fields}}
            {"kind": "transformer_lm", "config": {TransformerConfig fields}}
     task:  {"task": "selective-copying" | "induction-heads" | "copying", "seq_len", "vocab_size",
             "seed", "n_tokens"}
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ssmkit.models.config import MambaConfig
+from ssmkit.models.config import Mamba2Config, MambaConfig
 from ssmkit.models.mamba_lm import MambaLM
 from ssmkit.models.sequence import SequenceModel, SequenceModelConfig
 from ssmkit.models.transformer_lm import TransformerConfig, TransformerLM
@@ -29,7 +30,7 @@ from ssmkit.utils import config_from_dict
 
 __all__ = ["build_model", "build_task", "load_trained", "model_spec", "sequence_model_spec", "task_spec"]
 
-ModelConfig = SequenceModelConfig | MambaConfig | TransformerConfig
+ModelConfig = SequenceModelConfig | MambaConfig | Mamba2Config | TransformerConfig
 
 
 def sequence_model_spec(**config) -> dict:
@@ -43,10 +44,13 @@ def model_spec(config: ModelConfig) -> dict:
         return {"kind": "sequence", "config": asdict(config)}
     if isinstance(config, MambaConfig):
         return {"kind": "mamba_lm", "config": config.to_dict()}
+    if isinstance(config, Mamba2Config):
+        return {"kind": "mamba2_lm", "config": config.to_dict()}
     if isinstance(config, TransformerConfig):
         return {"kind": "transformer_lm", "config": config.to_dict()}
     raise ValueError(
-        f"model config: expected a SequenceModelConfig, MambaConfig or TransformerConfig, got {config!r}"
+        "model config: expected a SequenceModelConfig, MambaConfig, Mamba2Config or TransformerConfig, "
+        f"got {config!r}"
     )
 
 
@@ -59,12 +63,16 @@ def build_model(spec: dict, where: str = "model spec") -> torch.nn.Module:
     kind, config = spec.get("kind"), spec.get("config")
     where = f"{where} ({kind})"
     if kind == "sequence":
-        return SequenceModel.from_config(config_from_dict(SequenceModelConfig, config, where)).float()
+        return SequenceModel(config_from_dict(SequenceModelConfig, config, where)).float()
     if kind == "mamba_lm":
         return MambaLM(MambaConfig.from_dict(config, where)).float()
+    if kind == "mamba2_lm":
+        return MambaLM(Mamba2Config.from_dict(config, where)).float()
     if kind == "transformer_lm":
         return TransformerLM(TransformerConfig.from_dict(config, where)).float()
-    raise ValueError(f"{where}: kind must be 'sequence', 'mamba_lm' or 'transformer_lm', got {kind!r}")
+    raise ValueError(
+        f"{where}: kind must be 'sequence', 'mamba_lm', 'mamba2_lm' or 'transformer_lm', got {kind!r}"
+    )
 
 
 def task_spec(name: str, seq_len: int, vocab_size: int, seed: int = 0, n_tokens: int = 16) -> dict:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ssmkit.models.config import MambaConfig
+from ssmkit.models.config import Mamba2Config, MambaConfig
 from ssmkit.models.sequence import SequenceModelConfig
 from ssmkit.models.transformer_lm import TransformerConfig
 from ssmkit.tasks import (
@@ -47,7 +47,7 @@ from ssmkit.train.metrics import read_metrics
 from ssmkit.train.trainer import TrainResult, train
 from ssmkit.utils import atomic_write_text, count_parameters
 
-MODEL_KINDS = ("sequence", "mamba_lm", "transformer_lm")
+MODEL_KINDS = ("sequence", "mamba_lm", "mamba2_lm", "transformer_lm")
 TaskConfig = SelectiveCopyingConfig | InductionHeadsConfig | CopyingConfig | LMTaskConfig
 
 
@@ -56,7 +56,8 @@ class ModelChoice:
     """The model ``ssmkit train`` builds; its vocabulary is the task's (set by the driver)."""
 
     kind: str = "sequence"
-    """'sequence' (SequenceModel: ablation blocks), 'mamba_lm' (MambaLM) or 'transformer_lm'."""
+    """'sequence' (SequenceModel: ablation blocks), 'mamba_lm' (MambaLM), 'mamba2_lm' (MambaLM with
+    Mamba-2 mixers) or 'transformer_lm'."""
     d_model: int = 64
     """Model width."""
     n_layer: int = 2
@@ -68,9 +69,12 @@ class ModelChoice:
     dt_max: float = 0.1
     """Largest initial Δ (sequence, mamba_lm)."""
     arch: str = "mamba"
-    """Block architecture of a sequence model: none | h3 | mamba | attention."""
+    """Block architecture of a sequence model: none | h3 | mamba | mamba2 | attention."""
     layer: str = "s6"
-    """Inner layer of a sequence model: s4d | s4 | s6; with arch attention the positions: abs | rope."""
+    """Inner layer of a sequence model: s4d | s4 | s6 (ssd with arch mamba2); with arch attention the
+    positions: abs | rope."""
+    headdim: int | None = None
+    """Mamba-2 head size (arch mamba2, mamba2_lm); None: 16 for a sequence model, 64 for an LM."""
     n_head: int = 4
     """Attention heads (transformer_lm)."""
     d_mlp: int | None = None
@@ -90,6 +94,17 @@ class ModelChoice:
                 arch=self.arch,
                 layer=self.layer,
                 d_state=self.d_state,
+                dt_min=self.dt_min,
+                dt_max=self.dt_max,
+                headdim=16 if self.headdim is None else self.headdim,
+            )
+        if self.kind == "mamba2_lm":
+            return Mamba2Config(
+                d_model=self.d_model,
+                n_layer=self.n_layer,
+                vocab_size=vocab_size,
+                d_state=self.d_state,
+                headdim=64 if self.headdim is None else self.headdim,
                 dt_min=self.dt_min,
                 dt_max=self.dt_max,
             )
