@@ -231,3 +231,11 @@ def test_real_process_exit_status_and_no_traceback(tmp_path):
     assert proc.returncode == 1
     assert proc.stderr == f"error: model folder {tmp_path / 'nope'} does not exist\n"
     assert proc.stdout == ""
+
+
+def test_abbreviated_flags_are_not_silent_aliases(capsys):
+    """argparse would take --chunk for --chunk-size; every ssmkit parser refuses abbreviations."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", "x", "--chunk", "3"])
+    assert exit_.value.code == 2
+    assert "unrecognized arguments: --chunk 3" in capsys.readouterr().err

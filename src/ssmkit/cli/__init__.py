@@ -15,7 +15,7 @@ import sys
 from importlib import import_module
 
 # Subcommand modules, in the order `ssmkit --help` lists them.
-COMMANDS = ["demo", "train", "eval", "generate", "bench", "convert", "serve"]
+COMMANDS = ["demo", "train", "eval", "generate", "bench", "convert", "serve", "kernels"]
 
 # Exceptions that mean "the input was wrong", not "ssmkit is wrong" (see the module docstring).
 USER_ERRORS = (ValueError, OSError)
@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="ssmkit",
-        description="State space models (S4, S4D, Mamba) on PyTorch: learn, train, run, benchmark.",
+        description="State space models (S4, S4D, Mamba, Mamba-2) on PyTorch: learn, train, run, serve, "
+        "benchmark.",
     )
     parser.add_argument("--version", action="version", version=f"ssmkit {ssmkit.__version__}")
     parser.add_argument(
@@ -44,9 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
         import_module(f"ssmkit.cli.{name}").add_parser(sub)
+    parser.allow_abbrev = False
     for p in _subparsers(parser):
         # each parser knows itself (so a misspelt flag gets the usage of the subcommand it was typed in),
-        # and takes --debug anywhere on the line
+        # takes --debug anywhere on the line, and accepts no abbreviated flags (an unambiguous prefix such
+        # as --ctx for --context would otherwise be a silent alias)
+        p.allow_abbrev = False
         p.set_defaults(_parser=p)
         if "--debug" not in p._option_string_actions:
             p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
