@@ -18,8 +18,13 @@ the state). Four steps, each a batched matmul or a short loop:
 
 y = Y_diag + Y_off. ``segsum(a)[t, s] = a_{s+1} + … + a_t`` is formed by the *stable* masked cumulative sum
 (each entry a sum of the a's it covers, never a difference of two long prefix sums, which in float32 loses
-the digits of a small difference of two large numbers). Groups: B and C are shared by the h / g heads of a
-group, so C Bᵀ (step 1) is computed once per group.
+the digits of a small difference of two large numbers); step 2 reads its decays from the last row of that
+same matrix (Listing 1 takes a difference of prefix sums there), and step 4's are prefix sums. No exponent
+is ever a difference. Groups: B and C are shared by the h / g heads of a group, so C Bᵀ (step 1) and its
+causal mask are computed once per group.
+
+Layouts: the chunk states and the output stay in x's own (b, c, L, h, p) order, which BLAS reads in place
+as (L, h·p) matrices; only the (L, L) blocks of step 1 are head-major (b, h, c, L, ·).
 
 Packed sequences (``seq_idx``): where the id changes at t, a_t is set to −∞, so every decay across t is
 exp(−∞) = 0 — the state resets and no step below needs a special case. The sequence is padded to a whole
@@ -38,16 +43,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def segsum(a: Tensor) -> Tensor:
-    """Stable segment sum: a (..., L) -> (..., L, L) with out[..., t, s] = a_{s+1} + … + a_t for s ≤ t
-    (0 on the diagonal) and −∞ above it, by a masked cumulative sum down each column (Listing 1's)."""
-    L = a.shape[-1]
-    upper = torch.ones(L, L, dtype=torch.bool, device=a.device).triu(1)  # (L, L) s > t
-    return _segsum_open(a).masked_fill(upper, -torch.inf)  # (..., L, L)
-
-
-def _segsum_open(a: Tensor) -> Tensor:
-    """:func:`segsum` without the −∞ mask: the entries above the diagonal come out 0 (not −∞)."""
+def segsum_open(a: Tensor) -> Tensor:
+    """Stable segment sum without its mask: a (..., L) -> (..., L, L), out[..., t, s] = a_{s+1} + … + a_t
+    for s ≤ t (0 on the diagonal), by a masked cumulative sum down each column (Listing 1's ``segsum``).
+    The entries above the diagonal come out 0, not Listing 1's −∞: the causal mask is applied afterwards
+    to C Bᵀ, once per group rather than once per head."""
     L = a.shape[-1]
     rows = a[..., :, None].expand(*a.shape, L)  # (..., L, L): rows[t, s] = a_t
     keep = torch.ones(L, L, dtype=torch.bool, device=a.device).tril(-1)  # (L, L) t > s
@@ -103,7 +103,7 @@ def ssd_chunked(
 
     # 1. intra-chunk: the diagonal blocks, a masked "attention" C Bᵀ with decays exp(segsum(a)). The
     #    causal mask is applied to C Bᵀ, once per group, instead of to every head's decay matrix.
-    decay = _segsum_open(a_h).exp_()  # (b, h, c, L, L): exp(a_{s+1} + … + a_t) for s ≤ t (1 above)
+    decay = segsum_open(a_h).exp_()  # (b, h, c, L, L): exp(a_{s+1} + … + a_t) for s ≤ t (1 above)
     upper = torch.ones(L, L, dtype=torch.bool, device=x.device).triu(1)  # (L, L)
     CB = (Cc @ Bc.transpose(-1, -2)).masked_fill_(upper, 0.0)  # (b, c, g, L, L), causal
     M = decay.view(b, g, r, c, L, L) * CB.transpose(1, 2)[:, :, None]  # (b, g, r, c, L, L)
@@ -125,9 +125,10 @@ def ssd_chunked(
     else:
         state = initial_states.to(acc)  # (b, h, p, n)
     start_states = []
-    for k in range(c):
+    # unbind, not local[:, k]: under autograd each indexing would cost a zero-filled local-sized gradient
+    for local_k, decay_k in zip(local.unbind(1), chunk_decay[..., None, None].unbind(2)):
         start_states.append(state)
-        state = torch.addcmul(local[:, k], state, chunk_decay[:, :, k, None, None])  # (b, h, p, n)
+        state = torch.addcmul(local_k, state, decay_k)  # (b, h, p, n)
     S = torch.stack(start_states, dim=1).view(b, c, g, r * p, n)  # (b, c, g, r·p, n)
 
     # 4. state -> output: the off-diagonal blocks, C_t · S[k] decayed from the chunk start to t.
