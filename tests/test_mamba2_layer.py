@@ -161,11 +161,12 @@ def test_matches_mamba_ssm_forward_float64(extra):
 @pytest.mark.parametrize(
     "extra", [dict(), dict(ngroups=2, d_conv=3, rmsnorm=False, D_has_hdim=True)], ids=str
 )
-def test_cached_decode_in_uneven_chunks_equals_full_forward(dtype, tol, extra):
+@pytest.mark.parametrize("b", [1, 2])  # b = 1: a one-token step's conv input is a (1, ·, 1) strided view
+def test_cached_decode_in_uneven_chunks_equals_full_forward(dtype, tol, extra, b):
     torch.manual_seed(0)
     layer = Mamba2(16, d_state=8, headdim=4, chunk_size=4, **extra).to(dtype)
     perturb(layer, seed=6)
-    b, l = 2, 26
+    l = 26
     u = torch.randn(b, l, 16, dtype=dtype, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         full = layer(u)
@@ -282,3 +283,18 @@ def test_forward_errors():
         m(torch.randn(2, 3, 16), Mamba2State(s.conv_state, torch.zeros(2, 4, 8, 5)))
     with pytest.raises(ValueError, match=r"state must be a Mamba2State"):
         m(torch.randn(2, 3, 16), (s.conv_state, s.ssm_state))
+
+
+def test_bfloat16_layer_keeps_a_float32_state():
+    torch.manual_seed(0)
+    layer = Mamba2(32, d_state=16, headdim=8, ngroups=2, chunk_size=8)
+    perturb(layer, seed=10)
+    u = torch.randn(2, 21, 32)
+    with torch.no_grad():
+        y32 = layer(u)
+        layer = layer.bfloat16()
+        state = layer.new_state(2)
+        y16 = torch.cat([layer(u[:, :9].bfloat16(), state), layer(u[:, 9:10].bfloat16(), state),
+                         layer(u[:, 10:].bfloat16(), state)], dim=1)  # fmt: skip
+    assert y16.dtype == torch.bfloat16 and state.ssm_state.dtype == torch.float32
+    assert (y16.float() - y32).norm() <= 2e-2 * y32.norm()
