@@ -248,6 +248,62 @@ def interleaved_limit(l: int, threads: list[int], repeats: int) -> list[str]:
     return lines
 
 
+def cpu_time_study(repeats: int) -> dict[str, float]:
+    """Single-thread CPU-time medians (``time.process_time``, which other processes disturb far less than
+    wall time): the fused scan forward and forward+backward, the chunked forward (all at l = 2048), the
+    causal conv1d + SiLU forward+backward, and the decode ops of one 130m-shape mixer (selective_scan at
+    l = 1 with a state, the conv with its history). Seconds; for A/B runs of two checkouts (PYTHONPATH)."""
+    import ssmkit.scan as scan
+    from ssmkit.layers.conv import causal_conv1d_silu
+
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    x = make_inputs(2048, grad=False)
+
+    def med(fn, reps):
+        fn()
+        times = []
+        for _ in range(reps):
+            t0 = time.process_time()
+            fn()
+            times.append(time.process_time() - t0)
+        return statistics.median(times)
+
+    def fwd(backend):
+        with torch.no_grad():
+            scan.selective_scan(*x, delta_softplus=True, backend=backend)
+
+    leaves = [t.clone().requires_grad_() for t in x]
+
+    def fwdbwd():
+        scan.selective_scan(*leaves, delta_softplus=True, backend="cpu").sum().backward()
+
+    d = D_MODEL_INNER
+    cx = torch.randn(1, d, 2048, generator=g).requires_grad_()
+    cw, cb = torch.randn(d, 4, generator=g).requires_grad_(), torch.randn(d, generator=g).requires_grad_()
+
+    def conv():
+        causal_conv1d_silu(cx, cw, cb).sum().backward()
+
+    u1 = [t[..., :1].contiguous() if t.dim() == 3 else t for t in x]  # l = 1
+    h, hist = torch.randn(1, d, D_STATE, generator=g), torch.randn(1, d, 3, generator=g)
+    w1, b1 = cw.detach(), cb.detach()
+
+    def decode_ops():
+        with torch.no_grad():
+            for _ in range(100):
+                scan.selective_scan(*u1, delta_softplus=True, return_last_state=True, initial_state=h)
+                causal_conv1d_silu(u1[0], w1, b1, hist)
+
+    return {
+        "scan_cpu_fwd_s": med(lambda: fwd("cpu"), 3 * repeats),
+        "scan_cpu_fwdbwd_s": med(fwdbwd, repeats),
+        "scan_chunked_fwd_s": med(lambda: fwd("chunked"), repeats),
+        "conv_fwdbwd_s": med(conv, 2 * repeats),
+        "decode_ops_per_token_s": med(decode_ops, 2 * repeats) / 100,
+    }
+
+
 def fmt_ms(t: float | None, runs: int = 0) -> str:
     if t is None:
         return "—"
@@ -278,6 +334,12 @@ def main(argv=None) -> None:
     p.add_argument(
         "--limit-only", action="store_true", help="only the interleaved ours-vs-machine-limit study (prints)"
     )
+    p.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="only the single-thread CPU-time study of ssmkit's kernels (prints JSON; for A/B runs of two "
+        "checkouts on a loaded machine, e.g. PYTHONPATH=<other checkout>/src)",
+    )
     p.add_argument("--memory-child", nargs=4, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.memory_child:
@@ -290,6 +352,9 @@ def main(argv=None) -> None:
         if impl not in IMPLS or not length.isdigit():
             raise SystemExit(f"--skip-fwdbwd-above: expected IMPL=L with IMPL in {IMPLS}, got {item!r}")
         skip_above[impl] = int(length)
+    if args.cpu_time:
+        print(json.dumps(cpu_time_study(args.repeats)))
+        return
     if args.limit_only:
         print("\n".join(interleaved_limit(2048, sorted({1, args.threads}), max(args.repeats, 7))))
         return

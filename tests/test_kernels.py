@@ -185,7 +185,7 @@ def test_existing_build_loads_without_the_lock(cache, tmp_path):
         os.environ["SSMKIT_KERNEL_WAIT"] = "0"
         t0 = time.monotonic()
         assert loader.load(ext).VALUE == 42
-        assert time.monotonic() - t0 < 2.0
+        assert time.monotonic() - t0 < 5.0  # no wait at all (the holder never lets go)
     finally:
         holder.kill()
         holder.wait()
@@ -199,7 +199,7 @@ def test_stale_lock_file_made_by_hand_does_not_delay(cache, tmp_path):
     lock.write_text("999999\n")  # a lock file whose "holder" is long gone (or never existed)
     t0 = time.monotonic()
     assert loader.load(ext).VALUE == 42
-    assert time.monotonic() - t0 < 5.0
+    assert time.monotonic() - t0 < 10.0
 
 
 def test_builder_killed_mid_build_releases_the_lock(cache, tmp_path):
@@ -213,7 +213,7 @@ def test_builder_killed_mid_build_releases_the_lock(cache, tmp_path):
     assert list(st.folder.parent.glob(f"{st.folder.name}.tmp-*")), "the killed build left its temp folder"
     t0 = time.monotonic()
     module = loader.load(ext)  # SSMKIT_KERNEL_WAIT=30, but nothing may wait
-    assert time.monotonic() - t0 < 5.0
+    assert time.monotonic() - t0 < 10.0
     assert module is not None and module.VALUE == 42 and len(calls) == 1
     assert not list(st.folder.parent.glob(f"{st.folder.name}.tmp-*")), "the stale temp folder stays"
 
@@ -228,7 +228,7 @@ def test_busy_lock_waits_at_most_the_bound_then_falls_back_with_one_warning(
         t0 = time.monotonic()
         assert loader.load(ext) is None
         waited = time.monotonic() - t0
-        assert 0.9 <= waited < 5.0, waited
+        assert 0.9 <= waited < 10.0, waited
         why = loader.reason(ext)
         assert "timed out after 1 s" in why and f"pid {proc.pid}" in why and "ssmkit kernels build" in why
         assert f"pid {proc.pid} is building the test kernel" in capfd.readouterr().err
@@ -287,6 +287,32 @@ def test_missing_compiler_is_one_warning_for_every_kernel(cache, monkeypatch):
             loader.warn_fallback(ext, "pure PyTorch")
     assert len(caught) == 1, [str(w.message) for w in caught]
     assert "no C++ compiler found" in str(caught[0].message)
+
+
+def test_missing_compiler_is_one_warning_end_to_end(cache, monkeypatch):
+    """selective_scan(auto) and the Mamba conv both fall back, and the user reads about it once."""
+    import torch
+
+    import ssmkit.scan as scan
+    from ssmkit.layers.conv import causal_conv1d_silu
+
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    monkeypatch.delenv("SSMKIT_SCAN_BACKEND", raising=False)
+    scan._cpu_unavailable_reason.cache_clear()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(2):
+                u = torch.randn(1, 3, 5)
+                scan.selective_scan(
+                    u, torch.rand(1, 3, 5), -torch.rand(3, 2), torch.randn(1, 2, 5), torch.randn(1, 2, 5)
+                )
+                causal_conv1d_silu(u, torch.randn(3, 4))
+        ours = [str(w.message) for w in caught if "ssmkit" in str(w.message)]
+        assert len(ours) == 1, ours
+        assert "no C++ compiler found" in ours[0] and "/nonexistent/c++" in ours[0]
+    finally:
+        scan._cpu_unavailable_reason.cache_clear()
 
 
 def test_bad_wait_value_is_one_line_error(monkeypatch):

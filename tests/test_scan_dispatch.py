@@ -14,6 +14,7 @@ from scan_cases import ALL_OPTIONS, ScanCase, make_inputs
 import ssmkit.scan as scan
 import ssmkit.scan.chunked as chunked_mod
 import ssmkit.scan.reference as reference_mod
+from ssmkit.kernels import loader as kernel_loader
 
 
 @pytest.fixture
@@ -21,6 +22,7 @@ def fresh(monkeypatch):
     """No env override, no warning given yet in this process, and a spy on the two Python backends."""
     monkeypatch.delenv(scan.ENV_VAR, raising=False)
     monkeypatch.setattr(scan, "_warned", set())
+    monkeypatch.setattr(kernel_loader, "_warned", set())
     calls = []
     for mod, name in ((chunked_mod, "selective_scan_chunked"), (reference_mod, "selective_scan_reference")):
         real = getattr(mod, name)
@@ -43,7 +45,7 @@ def test_auto_without_cpu_kernel_uses_chunked_and_warns_once(fresh, monkeypatch)
         warnings.simplefilter("always")
         for _ in range(3):
             scan.selective_scan(*_args())
-    ours = [w for w in caught if "fused CPU backend is unavailable" in str(w.message)]
+    ours = [w for w in caught if "fused selective-scan kernel is unavailable" in str(w.message)]
     assert len(ours) == 1, [str(w.message) for w in caught]
     assert "no C++ compiler (simulated)" in str(ours[0].message)
     assert issubclass(ours[0].category, RuntimeWarning)

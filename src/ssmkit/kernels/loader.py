@@ -445,14 +445,19 @@ def status(ext: Extension) -> Status:
 _warned: set[str] = set()
 
 
-def warn_fallback(ext: Extension, fallback: str, stacklevel: int = 3) -> None:
+def warn_fallback(ext: Extension, fallback: str, stacklevel: int = 3, why: str | None = None) -> None:
     """One RuntimeWarning per process and cause: ``ext`` is unavailable (why), ``fallback`` runs instead.
 
-    Causes shared by every extension (no compiler, disabled) are said once for all of them.
+    ``why`` defaults to the loader's reason for ``ext``. Causes shared by every extension (no compiler,
+    disabled) are said once for all of them.
     """
-    kind, why = _reasons.get(ext.name, ("unknown", None))
+    kind, known = _reasons.get(ext.name, ("other", None))
+    if why is None:
+        why = known
     if why is None:
         return
+    if why != known:
+        kind = "other"
     key = kind if kind in ("compiler", "disabled") else f"{ext.name}:{kind}"
     if key in _warned:
         return

@@ -45,10 +45,12 @@ import warnings
 import torch
 from torch import Tensor
 
+from ssmkit import kernels
+
 BACKENDS = ("auto", "reference", "chunked", "cpu")
 ENV_VAR = "SSMKIT_SCAN_BACKEND"
 
-_warned: set[str] = set()  # which "falling back" warnings were already given in this process
+_warned: set[str] = set()  # which "falling back" warnings were already given in this process (CUDA)
 
 
 def _shape(t) -> object:
@@ -166,10 +168,11 @@ def _auto_backend(device_type: str, dtype: torch.dtype, mamba_compatible: bool) 
         reason = _cpu_unavailable_reason()
         if reason is None:
             return "cpu"
-        _warn_once(
-            "cpu",
-            f"ssmkit.selective_scan: the fused CPU backend is unavailable ({reason}); using the slower "
-            f"'chunked' backend. Set {ENV_VAR}=chunked to choose it explicitly.",
+        kernels.warn_fallback(
+            kernels.SCAN,
+            f"the 'chunked' selective-scan backend (set {ENV_VAR}=chunked to choose it explicitly)",
+            stacklevel=5,
+            why=reason,
         )
         return "chunked"
     if device_type == "cuda":
