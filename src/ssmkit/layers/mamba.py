@@ -24,6 +24,10 @@ then replaced by their values after the last new token. Prefill, chunked prefill
 are therefore the same code path; without a state the history is zeros and h_0 = 0. States are replaced,
 never modified in place, so gradients flow through them (truncated BPTT, state passing).
 
+Falcon-Mamba (TII 2024, transformers' ``FalconMambaMixer``) is this mixer with one change: δ, B and C are
+each divided by their root mean square over their features (no learned weight, ε = ``bcdt_rms_eps``)
+right after x_proj; the state dict is unchanged.
+
 Glossary (code -> paper): d_model D; d_inner E·D; d_state N; dt_rank R; d_conv the conv width;
 delta / dt Δ; A_log log(−A); B, C the input-dependent B, C; z the gate branch.
 """
@@ -96,6 +100,7 @@ def init_selective_ssm(
     factory = factory or {}
     device = factory.get("device")
     module.dt_rank, module.d_state = dt_rank, d_state
+    module.bcdt_rms_eps = None  # Mamba; Falcon-Mamba sets the ε of its δ/B/C norms (see Mamba)
     module.x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False, **factory)
     module.dt_proj = nn.Linear(dt_rank, d_inner, bias=True, **factory)
     dt_init_std = dt_rank**-0.5 * dt_scale
@@ -118,6 +123,12 @@ def init_selective_ssm(
         p._ssm_optim = {"weight_decay": 0.0}
 
 
+def _rms(t: Tensor, eps: float) -> Tensor:
+    """t / sqrt(mean(t², features) + ε) over dim 1 of a (b, features, l) tensor, computed in float32."""
+    tf = _at_least_f32(t)
+    return (tf * torch.rsqrt(tf.pow(2).mean(1, keepdim=True) + eps)).to(t.dtype)
+
+
 def selective_ssm(
     module: nn.Module, x: Tensor, z: Tensor | None, ssm_state: Tensor | None
 ) -> tuple[Tensor, Tensor | None]:
@@ -136,6 +147,9 @@ def selective_ssm(
     if module.x_proj.bias is not None:
         x_dbl = x_dbl + module.x_proj.bias[:, None]
     dt, B, C = torch.split(x_dbl, [module.dt_rank, module.d_state, module.d_state], dim=1)  # (b, ·, l) views
+    eps = module.bcdt_rms_eps
+    if eps is not None:  # Falcon-Mamba: weightless RMSNorm of δ, B and C over their features, in float32
+        dt, B, C = (_rms(t, eps) for t in (dt, B, C))  # (b, ·, l)
     dt = _wx(module.dt_proj.weight, dt)  # (b, d_inner, l); bias added in the scan
     A = -torch.exp(_at_least_f32(module.A_log))  # (d_inner, N)
     result = selective_scan(
@@ -191,6 +205,8 @@ class Mamba(nn.Module):
         dt_init_floor: lower clamp of the initial Δ.
         conv_bias: whether conv1d has a bias.
         bias: whether in_proj and out_proj have biases.
+        bcdt_rms_eps: None (Mamba), or ε of the weightless RMSNorm applied to δ, B and C after x_proj
+            (Falcon-Mamba, transformers' ``FalconMambaMixer``, ``mixer_rms_eps``).
         layer_idx: position of the layer in a stack (informational; the model keys caches by index).
     """
 
@@ -208,6 +224,7 @@ class Mamba(nn.Module):
         dt_init_floor: float = 1e-4,
         conv_bias: bool = True,
         bias: bool = False,
+        bcdt_rms_eps: float | None = None,
         layer_idx: int | None = None,
         device=None,
         dtype=None,
@@ -236,6 +253,8 @@ class Mamba(nn.Module):
         if not isinstance(dt_rank, int) or dt_rank <= 0:
             raise ValueError(f"dt_rank must be 'auto' or a positive int, got {dt_rank!r}")
         self.dt_rank = dt_rank
+        if bcdt_rms_eps is not None and not bcdt_rms_eps > 0:
+            raise ValueError(f"bcdt_rms_eps must be None or > 0, got {bcdt_rms_eps!r}")
         self.layer_idx = layer_idx
 
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias, **factory)
@@ -251,6 +270,7 @@ class Mamba(nn.Module):
         init_selective_ssm(
             self, self.d_inner, d_state, dt_rank, dt_min, dt_max, dt_init, dt_scale, dt_init_floor, factory
         )
+        self.bcdt_rms_eps = bcdt_rms_eps  # None: Mamba; a float: Falcon-Mamba
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
 
     def new_state(self, batch_size: int, device=None, dtype=None) -> MambaState:

@@ -52,7 +52,8 @@ from ssmkit.utils import atomic_save, atomic_write_text, config_from_dict
 FORMATS = ("hf", "mamba-ssm")
 MODEL_TYPE = "mamba"  # Mamba-1 (transformers' name)
 MODEL_TYPE_2 = "mamba2"  # Mamba-2 (transformers' name)
-MODEL_TYPES = (MODEL_TYPE, MODEL_TYPE_2)  # what MambaLM reads
+MODEL_TYPE_FALCON = "falcon_mamba"  # Falcon-Mamba: Mamba-1 with RMS-normalised δ, B, C (transformers' name)
+MODEL_TYPES = (MODEL_TYPE, MODEL_TYPE_2, MODEL_TYPE_FALCON)  # what MambaLM reads
 AnyMambaConfig = MambaConfig | Mamba2Config
 
 # HF config keys we map to MambaConfig fields.
@@ -174,8 +175,13 @@ def _build_config(
 
 
 def config_from_hf(d: dict[str, Any], where: str = "Hugging Face config.json") -> MambaConfig:
-    """MambaConfig from a transformers ``MambaConfig`` dict (config.json); ValueError naming ``where``."""
-    unknown = sorted(set(d) - set(_HF_MAPPED) - _HF_CHECKED - _HF_IGNORED)
+    """MambaConfig from a transformers ``MambaConfig`` dict (config.json); ValueError naming ``where``.
+
+    A ``FalconMambaConfig`` (model type "falcon_mamba") is the same plus ``mixer_rms_eps`` (its default
+    1e-6 when absent), read into ``MambaConfig.mixer_rms_eps``."""
+    falcon = d.get("model_type") == MODEL_TYPE_FALCON
+    extra = {"mixer_rms_eps", "use_falcon_mambapy"} if falcon else set()
+    unknown = sorted(set(d) - set(_HF_MAPPED) - _HF_CHECKED - _HF_IGNORED - extra)
     if unknown:
         raise ValueError(
             f"{where}: unknown keys {unknown} for a Hugging Face Mamba config (ssmkit reads "
@@ -189,6 +195,8 @@ def config_from_hf(d: dict[str, Any], where: str = "Hugging Face config.json") -
     kwargs = {ours: d[hf] for hf, ours in _HF_MAPPED.items() if hf in d}
     kwargs.setdefault("bias", False)  # transformers' default (some 5.x-era versions differed; be explicit)
     kwargs.setdefault("tie_embeddings", True)
+    if falcon:
+        kwargs["mixer_rms_eps"] = d.get("mixer_rms_eps", 1e-6)
     vocab = d["vocab_size"]
     pad = d.get("pad_vocab_size_multiple", 1)
     pad = pad if isinstance(pad, int) and isinstance(vocab, int) and pad > 0 and vocab % pad == 0 else 1
@@ -206,10 +214,12 @@ def config_from_hf(d: dict[str, Any], where: str = "Hugging Face config.json") -
 
 
 def config_to_hf(config: MambaConfig) -> dict[str, Any]:
-    """transformers ``MambaConfig`` dict for ``config`` (vocab_size is the padded size)."""
+    """transformers ``MambaConfig`` (or ``FalconMambaConfig``) dict for ``config`` (vocab_size padded)."""
+    falcon = config.mixer_rms_eps is not None
     return {
-        "architectures": ["MambaForCausalLM"],
-        "model_type": MODEL_TYPE,
+        "architectures": ["FalconMambaForCausalLM" if falcon else "MambaForCausalLM"],
+        "model_type": MODEL_TYPE_FALCON if falcon else MODEL_TYPE,
+        **({"mixer_rms_eps": config.mixer_rms_eps} if falcon else {}),
         "hidden_size": config.d_model,
         "num_hidden_layers": config.n_layer,
         "vocab_size": config.padded_vocab_size,
@@ -363,12 +373,19 @@ def config_to_mamba_ssm(config: AnyMambaConfig) -> dict[str, Any]:
     """mamba-ssm ``MambaConfig`` dict for ``config`` (its norm ε is fixed at 1e-5)."""
     if config.norm_eps != 1e-5:
         raise ValueError(f"mamba-ssm format fixes norm_eps at 1e-5, config has norm_eps={config.norm_eps}")
+    if getattr(config, "mixer_rms_eps", None) is not None:
+        raise ValueError(
+            "Falcon-Mamba has no mamba-ssm format (mamba-ssm's Mamba has no δ/B/C norms); save as hf"
+        )
     return {
         "d_model": config.d_model,
         "d_intermediate": 0,
         "n_layer": config.n_layer,
         "vocab_size": config.vocab_size,
-        "ssm_cfg": {"layer": config.layer, **_json_ready(config.mixer_kwargs())},
+        "ssm_cfg": {
+            "layer": config.layer,
+            **_json_ready({k: v for k, v in config.mixer_kwargs().items() if k != "bcdt_rms_eps"}),
+        },
         "attn_layer_idx": [],
         "attn_cfg": {},
         "rms_norm": True,
@@ -398,7 +415,7 @@ def config_from_file(d: dict[str, Any], where: str = "config.json") -> AnyMambaC
             f"{list(MODEL_TYPES)} (ssmkit.models.load.load_model dispatches on the type)"
         )
     if detect_format(d, where) == "hf":
-        return config_from_hf(d, where) if found == MODEL_TYPE else config2_from_hf(d, where)
+        return config2_from_hf(d, where) if found == MODEL_TYPE_2 else config_from_hf(d, where)
     return config_from_mamba_ssm(d, where)
 
 

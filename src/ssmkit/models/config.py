@@ -70,6 +70,8 @@ class MambaConfig:
     """Round the embedding / head rows up to a multiple of this."""
     tie_embeddings: bool = True
     """Share the LM head weight with the embedding."""
+    mixer_rms_eps: float | None = None
+    """None: Mamba. A float: Falcon-Mamba — weightless RMSNorms (this ε) on δ, B and C in every mixer."""
 
     def __post_init__(self) -> None:
         for name in ("d_model", "n_layer", "vocab_size", "d_state", "d_conv", "pad_vocab_size_multiple"):
@@ -98,6 +100,8 @@ class MambaConfig:
             raise ValueError(f"MambaConfig.dt_init_floor must be >= 0, got {self.dt_init_floor!r}")
         if not self.norm_eps > 0:
             raise ValueError(f"MambaConfig.norm_eps must be > 0, got {self.norm_eps!r}")
+        if self.mixer_rms_eps is not None and not self.mixer_rms_eps > 0:
+            raise ValueError(f"MambaConfig.mixer_rms_eps must be None or > 0, got {self.mixer_rms_eps!r}")
         for name in ("conv_bias", "bias", "residual_in_fp32", "tie_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"MambaConfig.{name} must be a bool, got {getattr(self, name)!r}")
@@ -132,6 +136,7 @@ class MambaConfig:
             "dt_init_floor": self.dt_init_floor,
             "conv_bias": self.conv_bias,
             "bias": self.bias,
+            "bcdt_rms_eps": self.mixer_rms_eps,
         }
 
     def to_dict(self) -> dict[str, Any]:

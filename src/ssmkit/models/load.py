@@ -32,6 +32,7 @@ from ssmkit.models.transformer_lm import TransformerLM
 MODEL_TYPES: dict[str, tuple[str, type[nn.Module]]] = {
     checkpoint.MODEL_TYPE: ("Mamba-1, Hugging Face or mamba-ssm folder", MambaLM),
     checkpoint.MODEL_TYPE_2: ("Mamba-2, Hugging Face or mamba-ssm folder", MambaLM),
+    checkpoint.MODEL_TYPE_FALCON: ("Falcon-Mamba, Hugging Face folder", MambaLM),
     TRANSFORMER_TYPE: ("ssmkit's Transformer baseline", TransformerLM),
 }
 
