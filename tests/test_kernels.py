@@ -276,6 +276,20 @@ def test_failed_build_is_recorded_and_not_retried_until_asked(cache, tmp_path):
     assert len(calls) == 2
 
 
+def test_damaged_build_falls_back_with_how_to_fix_and_build_replaces_it(cache, tmp_path):
+    calls = []
+    ext = _fake_ext(tmp_path, calls)
+    assert loader.load(ext) is not None
+    st = loader.status(ext)
+    st.module_file.write_text("raise ImportError('truncated file')\n")
+    sys.modules.pop(loader.module_name(ext, st.key), None)
+    loader.forget()
+    assert loader.load(ext) is None
+    assert "truncated file" in loader.reason(ext) and "ssmkit kernels build" in loader.reason(ext)
+    sys.modules.pop(loader.module_name(ext, st.key), None)
+    assert loader.build(ext).VALUE == 42 and len(calls) == 2
+
+
 def test_missing_compiler_is_one_warning_for_every_kernel(cache, monkeypatch):
     monkeypatch.setenv("CXX", "/nonexistent/c++")
     with warnings.catch_warnings(record=True) as caught:

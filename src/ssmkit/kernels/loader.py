@@ -345,8 +345,19 @@ def _load(ext: Extension, build: bool):
     key, folder, lock_path, failed = _locate(ext)
     name = module_name(ext, key)
     path = _find_module_file(folder, name)
-    if path is not None:
-        return _import_file(name, path)  # the common case: no lock, no compiler run
+    if path is not None:  # the common case: no lock, no compiler run
+        try:
+            return _import_file(name, path)
+        except ImportError as e:  # a damaged build (the file is renamed into place complete)
+            if not build:
+                raise _Unavailable(
+                    "failed",
+                    f"importing {path} failed ({_first_line(e)}); run `ssmkit kernels build` or delete "
+                    f"{folder} to rebuild it",
+                ) from e
+            with build_lock(lock_path, wait_limit(), ext.title) as held:
+                if held:
+                    shutil.rmtree(folder, ignore_errors=True)
     if failed.exists():
         if not build:
             raise _Unavailable(

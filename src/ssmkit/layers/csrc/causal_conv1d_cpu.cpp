@@ -39,7 +39,7 @@ inline float nan_value() {
   return a;
 }
 inline bool nonfinite(float a) { return (bits(a) & 0x7fffffffu) >= 0x7f800000u; }
-inline float silu_of_nonfinite(float a) { return bits(a) == 0x7f800000u ? a : nan_value(); }
+constexpr uint32_t kNegInf = 0xff800000u;  // the bits of −inf
 
 // a[t] = bias + sum_k w[k] * xp[t + k],  xp = [hist (K-1), x (l)]; rows computed into `a` (length l).
 inline void preact(const float* x, const float* hist, const float* w, float bias, int64_t K, int64_t l,
@@ -85,9 +85,9 @@ torch::Tensor fwd(torch::Tensor x, torch::Tensor w, torch::Tensor bias, torch::T
       float* a = yp + r * l;
       preact(xp + ib * sxb + c * sxc, hp ? hp + r * (K - 1) : nullptr, wp + c * K, bp ? bp[c] : 0.f, K, l, a);
 #pragma omp simd
-      for (int64_t t = 0; t < l; ++t) {
+      for (int64_t t = 0; t < l; ++t) {  // +inf and NaN come out right by themselves; −inf needs the select
         const float v = a[t], y = v / (1.f + std::exp(std::min(-v, kExpMax)));
-        a[t] = nonfinite(v) ? silu_of_nonfinite(v) : y;
+        a[t] = bits(v) == kNegInf ? nan_value() : y;
       }
     }
   });
