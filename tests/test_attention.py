@@ -10,35 +10,54 @@ from ssmkit.layers.attention import MultiheadAttention, TransformerBlock, sinuso
 
 
 def naive_attention(attn: MultiheadAttention, x: torch.Tensor) -> torch.Tensor:
-    """Loop over batch, head, query: float64 reference of causal MHA with complex-number RoPE."""
+    """Loop over batch, head, query: float64 reference of causal attention with grouped KV heads and
+    (partial) rotary positions as complex multiplication."""
     x = x.double().detach()
     b, l, d = x.shape
-    h, e = attn.n_head, attn.head_dim
-    W, bias = attn.qkv.weight.double().detach(), attn.qkv.bias.double().detach()
-    qkv = x @ W.T + bias  # (b, l, 3d)
-    out = torch.zeros(b, l, d, dtype=torch.float64)
+    h, hkv, e = attn.n_head, attn.n_head_kv, attn.head_dim
+    W, bias = attn.in_proj.weight.double().detach(), attn.in_proj.bias.double().detach()
+    qkv = x @ W.T + bias  # (b, l, (h + 2 h_kv) e)
+    scale = attn.softmax_scale if attn.softmax_scale is not None else 1 / math.sqrt(e)
+    out = torch.zeros(b, l, h * e, dtype=torch.float64)
     for bi in range(b):
         for hi in range(h):
+            g = hi // (h // hkv)  # the key/value head this query head reads
             q = qkv[bi, :, hi * e : (hi + 1) * e].clone()
-            k = qkv[bi, :, d + hi * e : d + (hi + 1) * e].clone()
-            v = qkv[bi, :, 2 * d + hi * e : 2 * d + (hi + 1) * e]
+            k = qkv[bi, :, h * e + g * e : h * e + (g + 1) * e].clone()
+            v = qkv[bi, :, (h + hkv) * e + g * e : (h + hkv) * e + (g + 1) * e]
             if attn.positional == "rope":
-                half = e // 2
+                half = attn.rotary_dim // 2
                 theta = torch.tensor(
-                    [attn.rope_base ** (-2 * i / e) for i in range(half)], dtype=torch.float64
+                    [attn.rope_base ** (-2 * i / attn.rotary_dim) for i in range(half)], dtype=torch.float64
                 )
                 for m in range(l):
                     rot = torch.polar(torch.ones(half, dtype=torch.float64), m * theta)  # e^{i m θ}
                     for t in (q, k):
-                        z = torch.complex(t[m, :half], t[m, half:]) * rot
-                        t[m, :half], t[m, half:] = z.real, z.imag
+                        z = torch.complex(t[m, :half], t[m, half : 2 * half]) * rot
+                        t[m, :half], t[m, half : 2 * half] = z.real, z.imag
             for m in range(l):
-                scores = torch.tensor(
-                    [float(q[m] @ k[n]) / math.sqrt(e) for n in range(m + 1)], dtype=torch.float64
-                )
+                scores = torch.tensor([float(q[m] @ k[n]) * scale for n in range(m + 1)], dtype=torch.float64)
                 w = torch.softmax(scores.double(), 0)
                 out[bi, m, hi * e : (hi + 1) * e] = (w[:, None] * v[: m + 1]).sum(0)
     return out @ attn.out_proj.weight.double().T + attn.out_proj.bias.double()
+
+
+@pytest.mark.parametrize("l", [1, 7])
+def test_grouped_query_partial_rotary_attention_matches_loop(l):
+    torch.manual_seed(9)
+    attn = MultiheadAttention(
+        16, n_head=4, n_head_kv=2, head_dim=6, rotary_dim=4, softmax_scale=0.3, positional="rope"
+    ).double()
+    with torch.no_grad():
+        attn.in_proj.bias.normal_()
+    x = torch.randn(2, l, 16, dtype=torch.float64)
+    torch.testing.assert_close(attn(x), naive_attention(attn, x), rtol=1e-10, atol=1e-10)
+    cache = attn.new_state(2)
+    y = torch.cat(
+        [attn(x[:, :t_end][:, t_end - 1 :], cache) for t_end in range(1, l + 1)], 1
+    )  # token by token
+    torch.testing.assert_close(y, naive_attention(attn, x), rtol=1e-10, atol=1e-10)
+    assert cache.k.shape[1] == 2  # the cache holds the 2 key/value heads, not 4
 
 
 @pytest.mark.parametrize("positional", ["rope", "none"])
@@ -113,8 +132,12 @@ def test_causal_and_positions_matter():
 def test_bad_arguments():
     with pytest.raises(ValueError, match="positional"):
         MultiheadAttention(16, 2, positional="xpos")
-    with pytest.raises(ValueError, match="multiple of 2·n_head"):
+    with pytest.raises(ValueError, match=r"multiple of n_head \(8\)"):
         MultiheadAttention(12, 8)
+    with pytest.raises(ValueError, match="even number of features"):
+        MultiheadAttention(12, 4)  # head size 3
+    with pytest.raises(ValueError, match="multiple of n_head_kv"):
+        MultiheadAttention(16, 4, n_head_kv=3)
     with pytest.raises(ValueError, match=r"x must be \(b, l, 16\)"):
         MultiheadAttention(16, 2)(torch.randn(1, 3, 8))
     with pytest.raises(ValueError, match="state holds batch size 2"):

@@ -181,8 +181,12 @@ def test_generic_transformers_keys_are_accepted_and_ignored(tmp_path):
 @pytest.mark.parametrize(
     "change,match",
     [
-        ({"d_intermediate": 64}, "d_intermediate"),
-        ({"attn_layer_idx": [1]}, "attn_layer_idx"),
+        ({"d_intermediate": 64}, r"missing keys \['backbone.layers.0.norm2.weight'"),  # a hybrid: its weights
+        ({"attn_layer_idx": [1]}, "attn_cfg needs num_heads"),
+        (
+            {"attn_layer_idx": [1], "attn_cfg": {"num_heads": 2, "causal": True, "d_conv": 4}},
+            "d_conv=4 is not",
+        ),
         ({"rms_norm": False}, "rms_norm"),
         ({"ssm_cfg": {"layer": "Mamba3"}}, "ssm_cfg.layer 'Mamba3' is not a mamba-ssm layer"),
     ],

@@ -100,21 +100,31 @@ def rope_angles(positions: Tensor, head_dim: int, base: float = 10000.0) -> tupl
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate the pairs (x_i, x_{i+e/2}) of x (b, h, l, e) by the angles (l, e/2)."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]  # (b, h, l, e/2)
+    """Rotate the pairs (x_i, x_{i+r/2}) of the first r = 2·cos.shape[-1] features of x (b, h, l, e) by the
+    angles (l, r/2); features past r pass unchanged (partial rotary, GPT-NeoX / flash-attn's
+    non-interleaved layout)."""
+    half = cos.shape[-1]
+    x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]  # (b, h, l, r/2) ×2, rest
     c, s = cos.to(x.dtype), sin.to(x.dtype)
-    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)  # (b, h, l, e)
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s, rest], dim=-1)  # (b, h, l, e)
 
 
 class MultiheadAttention(nn.Module):
-    """Causal multi-head self-attention with optional rotary positions and a KV cache.
+    """Causal multi-head self-attention with optional rotary positions, grouped KV heads and a KV cache.
+
+    Parameter names and layout are mamba-ssm's ``MHA`` (``in_proj``: q for h heads, then k and v for h_kv
+    heads; ``out_proj``), so a hybrid model's attention layers load unchanged.
 
     Args:
         d_model: width d (input and output).
-        n_head: number of heads h (head size e = d / h, even for rotary positions).
+        n_head: number of query heads h.
         positional: "rope" (rotary in this layer), "abs" or "none" (no positions in this layer).
-        rope_base: base of the rotary frequencies θ_i = base^(−2i/e).
+        rope_base: base of the rotary frequencies θ_i = base^(−2i/r).
+        n_head_kv: key/value heads h_kv (GQA; h must be a multiple of it); None: h (multi-head).
+        head_dim: head size e; None: d / h.
+        rotary_dim: features r of each head that are rotated (even, <= e); None: all of them.
+        qkv_bias, out_bias: biases of in_proj and out_proj.
+        softmax_scale: the attention scale; None: 1/√e.
     """
 
     def __init__(
@@ -123,18 +133,41 @@ class MultiheadAttention(nn.Module):
         n_head: int = 8,
         positional: str = "rope",
         rope_base: float = 10000.0,
+        n_head_kv: int | None = None,
+        head_dim: int | None = None,
+        rotary_dim: int | None = None,
+        qkv_bias: bool = True,
+        out_bias: bool = True,
+        softmax_scale: float | None = None,
         device=None,
         dtype=None,
     ):
         super().__init__()
         if positional not in POSITIONALS:
             raise ValueError(f"positional must be one of {POSITIONALS}, got {positional!r}")
-        if d_model % n_head or (d_model // n_head) % 2:
-            raise ValueError(f"d_model ({d_model}) must be a multiple of 2·n_head (n_head={n_head})")
-        self.d_model, self.n_head, self.head_dim = d_model, n_head, d_model // n_head
-        self.positional, self.rope_base = positional, rope_base
-        self.qkv = nn.Linear(d_model, 3 * d_model, device=device, dtype=dtype)
-        self.out_proj = nn.Linear(d_model, d_model, device=device, dtype=dtype)
+        n_head_kv = n_head if n_head_kv is None else n_head_kv
+        if not (isinstance(n_head_kv, int) and n_head_kv > 0 and n_head % n_head_kv == 0):
+            raise ValueError(
+                f"n_head ({n_head}) must be a multiple of n_head_kv, got n_head_kv={n_head_kv!r}"
+            )
+        if head_dim is None:
+            if d_model % n_head:
+                raise ValueError(
+                    f"d_model ({d_model}) must be a multiple of n_head ({n_head}), or give head_dim"
+                )
+            head_dim = d_model // n_head
+        rotary_dim = head_dim if rotary_dim is None else rotary_dim
+        if positional == "rope" and (rotary_dim % 2 or not 0 < rotary_dim <= head_dim):
+            raise ValueError(
+                f"rotary positions rotate an even number of features <= the head size {head_dim}, "
+                f"got rotary_dim={rotary_dim}"
+            )
+        self.d_model, self.n_head, self.n_head_kv, self.head_dim = d_model, n_head, n_head_kv, head_dim
+        self.positional, self.rope_base, self.rotary_dim = positional, rope_base, rotary_dim
+        self.softmax_scale = softmax_scale
+        f = {"device": device, "dtype": dtype}
+        self.in_proj = nn.Linear(d_model, head_dim * (n_head + 2 * n_head_kv), bias=qkv_bias, **f)
+        self.out_proj = nn.Linear(head_dim * n_head, d_model, bias=out_bias, **f)
 
     def new_state(self, batch: int, capacity: int = 0) -> KVCache:
         """An empty KV cache for ``batch`` sequences with room for ``capacity`` tokens before it grows."""
@@ -142,8 +175,8 @@ class MultiheadAttention(nn.Module):
             raise ValueError(f"batch must be a positive int, got {batch!r}")
         if not isinstance(capacity, int) or capacity < 0:
             raise ValueError(f"capacity must be an int >= 0, got {capacity!r}")
-        w = self.qkv.weight
-        shape = (batch, self.n_head, capacity, self.head_dim)  # (b, h, capacity, e)
+        w = self.in_proj.weight
+        shape = (batch, self.n_head_kv, capacity, self.head_dim)  # (b, h_kv, capacity, e)
         return KVCache(w.new_empty(shape), w.new_empty(shape), 0)
 
     def forward(self, x: Tensor, state: KVCache | None = None) -> Tensor:
@@ -154,24 +187,30 @@ class MultiheadAttention(nn.Module):
         if state is not None and state.batch_size != b:
             raise ValueError(f"state holds batch size {state.batch_size}, x has batch size {b}")
         offset = 0 if state is None else state.t
-        q, k, v = self.qkv(x).view(b, l, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # (b, h, l, e)
+        h, hkv, e = self.n_head, self.n_head_kv, self.head_dim
+        q, k, v = self.in_proj(x).split([h * e, hkv * e, hkv * e], dim=-1)  # (b, l, ·)
+        q = q.view(b, l, h, e).transpose(1, 2)  # (b, h, l, e)
+        k, v = k.view(b, l, hkv, e).transpose(1, 2), v.view(b, l, hkv, e).transpose(1, 2)  # (b, h_kv, l, e)
         if self.positional == "rope":
             pos = torch.arange(offset, offset + l)  # (l,) on the CPU, where rope_angles builds its tables
-            cos, sin = rope_angles(pos, self.head_dim, self.rope_base)  # (l, e/2) ×2
+            cos, sin = rope_angles(pos, self.rotary_dim, self.rope_base)  # (l, r/2) ×2
             cos, sin = cos.to(x.device), sin.to(x.device)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if state is not None:
-            k, v = state.append(k.to(state.k.dtype), v.to(state.v.dtype))  # (b, h, t + l, e) ×2
+            k, v = state.append(k.to(state.k.dtype), v.to(state.v.dtype))  # (b, h_kv, t + l, e) ×2
             k, v = k.to(q.dtype), v.to(q.dtype)
+        if hkv != h:  # grouped-query attention: every key/value head serves h / h_kv query heads
+            k, v = k.repeat_interleave(h // hkv, dim=1), v.repeat_interleave(h // hkv, dim=1)  # (b, h, t, e)
+        scale = self.softmax_scale
         if offset == 0:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (b, h, l, e)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)  # (b, h, l, e)
         elif l == 1:
-            y = F.scaled_dot_product_attention(q, k, v)  # (b, h, 1, e): one query sees every key
+            y = F.scaled_dot_product_attention(q, k, v, scale=scale)  # (b, h, 1, e): one query sees all keys
         else:
             qpos = torch.arange(offset, offset + l, device=x.device)[:, None]  # (l, 1)
             mask = torch.arange(offset + l, device=x.device)[None, :] <= qpos  # (l, t + l)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (b, h, l, e)
-        return self.out_proj(y.transpose(1, 2).reshape(b, l, d))  # (b, l, d)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)  # (b, h, l, e)
+        return self.out_proj(y.transpose(1, 2).reshape(b, l, h * e))  # (b, l, d)
 
 
 class TransformerBlock(nn.Module):

@@ -45,6 +45,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ssmkit.layers.mlp import gated_mlp_width
 from ssmkit.models.config import Mamba2Config, MambaConfig
 from ssmkit.models.folder import WEIGHT_FILES, model_type, read_config, read_weights, weight_files
 from ssmkit.utils import atomic_save, atomic_write_text, config_from_dict
@@ -213,8 +214,18 @@ def config_from_hf(d: dict[str, Any], where: str = "Hugging Face config.json") -
     return config
 
 
+def _refuse_hybrid_in_hf(config: AnyMambaConfig) -> None:
+    if config.attn_layer_idx or config.d_intermediate:
+        raise ValueError(
+            "transformers has no model with mamba-ssm's hybrid layout (attention layers / GatedMLP); "
+            f"attn_layer_idx={config.attn_layer_idx}, d_intermediate={config.d_intermediate}: "
+            "save it in mamba-ssm format"
+        )
+
+
 def config_to_hf(config: MambaConfig) -> dict[str, Any]:
     """transformers ``MambaConfig`` (or ``FalconMambaConfig``) dict for ``config`` (vocab_size padded)."""
+    _refuse_hybrid_in_hf(config)
     falcon = config.mixer_rms_eps is not None
     return {
         "architectures": ["FalconMambaForCausalLM" if falcon else "MambaForCausalLM"],
@@ -241,7 +252,7 @@ def config_to_hf(config: MambaConfig) -> dict[str, Any]:
         "tie_word_embeddings": config.tie_embeddings,
         "rescale_prenorm_residual": False,
         "pad_vocab_size_multiple": config.pad_vocab_size_multiple,
-        "dtype": "float32",
+        "dtype": "float32",  # save_checkpoint writes the dtype of the weights it saves
     }
 
 
@@ -280,6 +291,7 @@ def config2_from_hf(d: dict[str, Any], where: str = "Hugging Face config.json") 
 
 def config2_to_hf(config: Mamba2Config) -> dict[str, Any]:
     """transformers ``Mamba2Config`` dict for ``config`` (vocab_size is the padded size)."""
+    _refuse_hybrid_in_hf(config)
     if config.D_has_hdim or not config.rmsnorm or config.norm_before_gate:
         raise ValueError(
             "transformers' Mamba2 has D per head, the gated RMSNorm and norm_before_gate=False; this config "
@@ -310,7 +322,7 @@ def config2_to_hf(config: Mamba2Config) -> dict[str, Any]:
         "residual_in_fp32": config.residual_in_fp32,
         "tie_word_embeddings": config.tie_embeddings,
         "rescale_prenorm_residual": False,
-        "dtype": "float32",
+        "dtype": "float32",  # save_checkpoint writes the dtype of the weights it saves
     }
 
 
@@ -324,14 +336,6 @@ def config_from_mamba_ssm(d: dict[str, Any], where: str = "mamba-ssm config.json
     for key in ("d_model", "n_layer", "vocab_size"):
         if key not in d:
             raise ValueError(f"{where} lacks required field {key!r}")
-    if d.get("d_intermediate", 0) != 0:
-        raise ValueError(
-            f"{where}: d_intermediate must be 0 (no MLP; Mamba-1 only), got {d['d_intermediate']!r}"
-        )
-    if d.get("attn_layer_idx") or d.get("attn_cfg"):
-        raise ValueError(
-            f"{where}: hybrid attention layers are not supported, attn_layer_idx={d.get('attn_layer_idx')!r}"
-        )
     if d.get("rms_norm", True) is not True:
         raise ValueError(f"{where}: rms_norm must be true (LayerNorm models are not supported)")
     ssm_cfg = d.get("ssm_cfg") or {}
@@ -363,6 +367,9 @@ def config_from_mamba_ssm(d: dict[str, Any], where: str = "mamba-ssm config.json
         "residual_in_fp32",
         "pad_vocab_size_multiple",
         "tie_embeddings",
+        "d_intermediate",
+        "attn_layer_idx",
+        "attn_cfg",
     ):
         if key in d:
             kwargs[key] = d[key]
@@ -379,15 +386,15 @@ def config_to_mamba_ssm(config: AnyMambaConfig) -> dict[str, Any]:
         )
     return {
         "d_model": config.d_model,
-        "d_intermediate": 0,
+        "d_intermediate": config.d_intermediate,
         "n_layer": config.n_layer,
         "vocab_size": config.vocab_size,
         "ssm_cfg": {
             "layer": config.layer,
             **_json_ready({k: v for k, v in config.mixer_kwargs().items() if k != "bcdt_rms_eps"}),
         },
-        "attn_layer_idx": [],
-        "attn_cfg": {},
+        "attn_layer_idx": list(config.attn_layer_idx),
+        "attn_cfg": dict(config.attn_cfg),
         "rms_norm": True,
         "residual_in_fp32": config.residual_in_fp32,
         "fused_add_norm": True,
@@ -448,43 +455,61 @@ def _mamba2_mixer_shapes(config: Mamba2Config, p: str) -> dict[str, tuple[int, .
     return shapes
 
 
+def _attention_shapes(config: AnyMambaConfig, p: str) -> dict[str, tuple[int, ...]]:
+    """A hybrid's attention mixer keys (mamba-ssm's MHA: in_proj = [q, k, v], out_proj) with shapes."""
+    cfg, D = config.attn_cfg, config.d_model
+    h = cfg["num_heads"]
+    hkv = cfg.get("num_heads_kv") or h
+    e = cfg.get("head_dim") or D // h
+    shapes = {p + "in_proj.weight": (e * (h + 2 * hkv), D)}
+    if cfg.get("qkv_proj_bias", True):
+        shapes[p + "in_proj.bias"] = (e * (h + 2 * hkv),)
+    shapes[p + "out_proj.weight"] = (D, e * h)
+    if cfg.get("out_proj_bias", True):
+        shapes[p + "out_proj.bias"] = (D,)
+    return shapes
+
+
+def _block_extra_shapes(config: AnyMambaConfig, p: str) -> dict[str, tuple[int, ...]]:
+    """A block's GatedMLP keys (``norm2``, ``mlp.fc1``, ``mlp.fc2``) when ``d_intermediate > 0``."""
+    if not config.d_intermediate:
+        return {}
+    D, f = config.d_model, gated_mlp_width(config.d_intermediate)
+    return {p + "norm2.weight": (D,), p + "mlp.fc1.weight": (2 * f, D), p + "mlp.fc2.weight": (D, f)}
+
+
 def expected_shapes(config: AnyMambaConfig) -> dict[str, tuple[int, ...]]:
     """Every key of ``MambaLM(config).state_dict()`` (mamba-ssm names) with its shape."""
-    if isinstance(config, Mamba2Config):
-        D, V = config.d_model, config.padded_vocab_size
-        shapes = {"backbone.embedding.weight": (V, D)}
-        for i in range(config.n_layer):
-            shapes[f"backbone.layers.{i}.norm.weight"] = (D,)
-            shapes.update(_mamba2_mixer_shapes(config, f"backbone.layers.{i}.mixer."))
-        return {**shapes, "backbone.norm_f.weight": (D,), "lm_head.weight": (V, D)}
-    D, E, N, R, W, V = (
-        config.d_model,
-        config.d_inner,
-        config.d_state,
-        config.resolved_dt_rank,
-        config.d_conv,
-        config.padded_vocab_size,
-    )
-    shapes: dict[str, tuple[int, ...]] = {"backbone.embedding.weight": (V, D)}
+    D, V = config.d_model, config.padded_vocab_size
+    shapes = {"backbone.embedding.weight": (V, D)}
     for i in range(config.n_layer):
         p = f"backbone.layers.{i}."
         shapes[p + "norm.weight"] = (D,)
-        shapes[p + "mixer.A_log"] = (E, N)
-        shapes[p + "mixer.D"] = (E,)
-        shapes[p + "mixer.in_proj.weight"] = (2 * E, D)
-        if config.bias:
-            shapes[p + "mixer.in_proj.bias"] = (2 * E,)
-        shapes[p + "mixer.conv1d.weight"] = (E, 1, W)
-        if config.conv_bias:
-            shapes[p + "mixer.conv1d.bias"] = (E,)
-        shapes[p + "mixer.x_proj.weight"] = (R + 2 * N, E)
-        shapes[p + "mixer.dt_proj.weight"] = (E, R)
-        shapes[p + "mixer.dt_proj.bias"] = (E,)
-        shapes[p + "mixer.out_proj.weight"] = (D, E)
-        if config.bias:
-            shapes[p + "mixer.out_proj.bias"] = (D,)
-    shapes["backbone.norm_f.weight"] = (D,)
-    shapes["lm_head.weight"] = (V, D)
+        if i in config.attn_layer_idx:
+            shapes.update(_attention_shapes(config, p + "mixer."))
+        elif isinstance(config, Mamba2Config):
+            shapes.update(_mamba2_mixer_shapes(config, p + "mixer."))
+        else:
+            shapes.update(_mamba1_mixer_shapes(config, p + "mixer."))
+        shapes.update(_block_extra_shapes(config, p))
+    return {**shapes, "backbone.norm_f.weight": (D,), "lm_head.weight": (V, D)}
+
+
+def _mamba1_mixer_shapes(config: MambaConfig, p: str) -> dict[str, tuple[int, ...]]:
+    """The Mamba-1 mixer's keys (prefix ``p``) with their shapes."""
+    D, E, N, R, W = config.d_model, config.d_inner, config.d_state, config.resolved_dt_rank, config.d_conv
+    shapes = {p + "A_log": (E, N), p + "D": (E,), p + "in_proj.weight": (2 * E, D)}
+    if config.bias:
+        shapes[p + "in_proj.bias"] = (2 * E,)
+    shapes[p + "conv1d.weight"] = (E, 1, W)
+    if config.conv_bias:
+        shapes[p + "conv1d.bias"] = (E,)
+    shapes[p + "x_proj.weight"] = (R + 2 * N, E)
+    shapes[p + "dt_proj.weight"] = (E, R)
+    shapes[p + "dt_proj.bias"] = (E,)
+    shapes[p + "out_proj.weight"] = (D, E)
+    if config.bias:
+        shapes[p + "out_proj.bias"] = (D,)
     return shapes
 
 
@@ -563,7 +588,8 @@ def save_checkpoint(
     """Write ``config.json`` and weights for ``state_dict`` (mamba-ssm keys) in ``format``.
 
     ``"hf"``: model.safetensors with ``backbone.embeddings.weight`` and no ``lm_head.weight`` when tied
-    (exactly what transformers writes). ``"mamba-ssm"``: pytorch_model.bin with mamba-ssm's keys.
+    (exactly what transformers writes), config.json's ``"dtype"`` the weights' dtype. ``"mamba-ssm"``:
+    pytorch_model.bin with mamba-ssm's keys (its config.json has no dtype key; the tensors keep theirs).
     Weights are written before config.json; each file atomically.
     """
     if format not in FORMATS:
@@ -573,6 +599,10 @@ def save_checkpoint(
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
     config_dict = _config_dict(config, format)  # before any write: it can refuse the config
+    if format == "hf":  # the dtype the weights hold (the first parameter's, as transformers' model.dtype)
+        from ssmkit.models.folder import dtype_name
+
+        config_dict["dtype"] = dtype_name(state_dict["backbone.embedding.weight"].dtype)
     if format == "hf":
         from safetensors.torch import save_file
 

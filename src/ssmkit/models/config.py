@@ -22,10 +22,67 @@ headdim P, nheads H = d_inner / P, ngroups G (heads share B and C within a group
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ssmkit.utils import config_from_dict
+
+# mamba-ssm's MHA keywords (``attn_cfg``) that ssmkit's attention implements, and the values it requires
+# of the others: the hybrid layers are causal self-attention without an MLP part or a conv.
+ATTN_CFG_KEYS = {
+    "num_heads", "num_heads_kv", "head_dim", "rotary_emb_dim", "rotary_emb_base", "causal",
+    "qkv_proj_bias", "out_proj_bias", "softmax_scale", "rotary_emb_interleaved", "mlp_dim", "d_conv",
+}  # fmt: skip
+_ATTN_CFG_REQUIRED_VALUES = {"causal": True, "rotary_emb_interleaved": False, "mlp_dim": 0, "d_conv": 0}
+
+
+def check_hybrid(name: str, n_layer: int, d_intermediate, attn_layer_idx, attn_cfg) -> None:
+    """ValueError unless d_intermediate / attn_layer_idx / attn_cfg describe a hybrid ssmkit builds."""
+    if isinstance(d_intermediate, bool) or not isinstance(d_intermediate, int) or d_intermediate < 0:
+        raise ValueError(f"{name}.d_intermediate must be an int >= 0, got {d_intermediate!r}")
+    if not isinstance(attn_layer_idx, list) or not all(
+        isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n_layer for i in attn_layer_idx
+    ):
+        raise ValueError(
+            f"{name}.attn_layer_idx must be a list of layer indices in [0, {n_layer}), got {attn_layer_idx!r}"
+        )
+    if len(set(attn_layer_idx)) != len(attn_layer_idx):
+        raise ValueError(f"{name}.attn_layer_idx has repeated layers: {attn_layer_idx}")
+    if not isinstance(attn_cfg, dict):
+        raise ValueError(f"{name}.attn_cfg must be a dict, got {attn_cfg!r}")
+    if not attn_layer_idx:
+        return
+    unknown = sorted(set(attn_cfg) - ATTN_CFG_KEYS)
+    if unknown:
+        raise ValueError(f"{name}.attn_cfg: unknown keys {unknown} (known: {sorted(ATTN_CFG_KEYS)})")
+    if not isinstance(attn_cfg.get("num_heads"), int) or attn_cfg["num_heads"] <= 0:
+        raise ValueError(
+            f"{name}.attn_cfg needs num_heads (a positive int), got {attn_cfg.get('num_heads')!r}"
+        )
+    for key, required in _ATTN_CFG_REQUIRED_VALUES.items():
+        if key in attn_cfg and attn_cfg[key] != required:
+            raise ValueError(
+                f"{name}.attn_cfg.{key}={attn_cfg[key]!r} is not supported (ssmkit needs {required!r})"
+            )
+    if "causal" not in attn_cfg:
+        raise ValueError(f"{name}.attn_cfg must say causal: true (mamba-ssm's MHA defaults to non-causal)")
+
+
+def attention_kwargs(d_model: int, attn_cfg: dict) -> dict:
+    """Keyword arguments of ``ssmkit.layers.attention.MultiheadAttention`` for mamba-ssm's ``attn_cfg``."""
+    rotary = attn_cfg.get("rotary_emb_dim", 0)
+    return {
+        "d_model": d_model,
+        "n_head": attn_cfg["num_heads"],
+        "n_head_kv": attn_cfg.get("num_heads_kv"),
+        "head_dim": attn_cfg.get("head_dim"),
+        "positional": "rope" if rotary > 0 else "none",
+        "rotary_dim": rotary if rotary > 0 else None,
+        "rope_base": float(attn_cfg.get("rotary_emb_base", 10000.0)),
+        "qkv_bias": attn_cfg.get("qkv_proj_bias", True),
+        "out_bias": attn_cfg.get("out_proj_bias", True),
+        "softmax_scale": attn_cfg.get("softmax_scale"),
+    }
 
 
 @dataclass
@@ -72,8 +129,17 @@ class MambaConfig:
     """Share the LM head weight with the embedding."""
     mixer_rms_eps: float | None = None
     """None: Mamba. A float: Falcon-Mamba — weightless RMSNorms (this ε) on δ, B and C in every mixer."""
+    d_intermediate: int = 0
+    """Hidden width of a GatedMLP (with its own pre-norm ``norm2``) after every mixer; 0: no MLP."""
+    attn_layer_idx: list[int] = field(default_factory=list)
+    """Layers whose mixer is causal self-attention instead of Mamba (a hybrid model)."""
+    attn_cfg: dict = field(default_factory=dict)
+    """mamba-ssm's MHA keywords for those layers: num_heads, num_heads_kv, head_dim, rotary_emb_dim, ..."""
 
     def __post_init__(self) -> None:
+        check_hybrid(
+            type(self).__name__, self.n_layer, self.d_intermediate, self.attn_layer_idx, self.attn_cfg
+        )
         for name in ("d_model", "n_layer", "vocab_size", "d_state", "d_conv", "pad_vocab_size_multiple"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -202,8 +268,17 @@ class Mamba2Config:
     """Round the embedding / head rows up to a multiple of this."""
     tie_embeddings: bool = True
     """Share the LM head weight with the embedding."""
+    d_intermediate: int = 0
+    """Hidden width of a GatedMLP (with its own pre-norm ``norm2``) after every mixer; 0: no MLP."""
+    attn_layer_idx: list[int] = field(default_factory=list)
+    """Layers whose mixer is causal self-attention instead of Mamba-2 (a hybrid model)."""
+    attn_cfg: dict = field(default_factory=dict)
+    """mamba-ssm's MHA keywords for those layers: num_heads, num_heads_kv, head_dim, rotary_emb_dim, ..."""
 
     def __post_init__(self) -> None:
+        check_hybrid(
+            type(self).__name__, self.n_layer, self.d_intermediate, self.attn_layer_idx, self.attn_cfg
+        )
         self.A_init_range = tuple(float(v) for v in self.A_init_range)
         self.dt_limit = tuple(float(v) for v in self.dt_limit)
         for name in (

@@ -15,6 +15,13 @@ and says what was expected — never a raw JSON, safetensors or unpickling error
                             weights_only=False is never passed on
     read_index(folder, n)   the shards of an index; shard paths that are absolute or contain ".." are
                             refused (lexically: symlinks inside the folder, as in a Hub cache, still work)
+    model_dtype(dtype, cfg) the dtype to build a model in: ``dtype`` (a torch.dtype or its name) when
+                            given, else config.json's "dtype" (transformers 5) or "torch_dtype" (4.x),
+                            else float32
+    build_loaded(build, sd) a model built on the meta device (no memory, no random init) and given the
+                            tensors of a state dict, in a dtype, on a device
+    generation_defaults(f)  the decoding settings of the folder's generation_config.json, as
+                            ``ssmkit.generate`` arguments (transformers' reading: greedy unless do_sample)
 
 Glossary: "model folder" = config.json + weights (+ tokenizer files), as transformers and mamba-ssm
 write them; "training checkpoint" = the checkpoint.safetensors that ``ssmkit train`` writes.
@@ -23,13 +30,15 @@ write them; "training checkpoint" = the checkpoint.safetensors that ``ssmkit tra
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import re
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 # mamba-ssm ``ssm_cfg.layer`` -> the model type transformers uses for the same architecture
 _MAMBA_SSM_LAYERS = {"Mamba1": "mamba", "Mamba2": "mamba2"}
@@ -38,6 +47,15 @@ _MAMBA_SSM_LAYERS = {"Mamba1": "mamba", "Mamba2": "mamba2"}
 WEIGHT_FILES = {
     "hf": ("model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors"),
     "mamba-ssm": ("pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*-of-*.bin"),
+}
+
+
+# The dtypes a model folder may be built in, by the name transformers writes in config.json.
+DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float64": torch.float64,
 }
 
 
@@ -63,7 +81,7 @@ def read_json(file: Path, what: str = "a JSON object") -> dict[str, Any]:
     return obj
 
 
-def _not_a_model_folder(folder: Path) -> str:
+def not_a_model_folder(folder: Path) -> str:
     """Why ``folder`` is not a model folder, and what to pass instead when we can tell."""
     if not folder.exists():
         return f"model folder {folder} does not exist"
@@ -90,8 +108,8 @@ def read_config(path: str | Path) -> dict[str, Any]:
     folder = Path(path)
     if not (folder / "config.json").is_file():
         if folder.is_file():
-            raise NotADirectoryError(_not_a_model_folder(folder))
-        raise FileNotFoundError(_not_a_model_folder(folder))
+            raise NotADirectoryError(not_a_model_folder(folder))
+        raise FileNotFoundError(not_a_model_folder(folder))
     return read_json(folder / "config.json", "a JSON object (the model's config)")
 
 
@@ -115,6 +133,105 @@ def model_type(config: dict[str, Any], where: str = "config.json") -> str:
             )
         return _MAMBA_SSM_LAYERS[layer]
     raise ValueError(f"{where} has no 'model_type' (nor mamba-ssm's 'd_model'); cannot tell what model it is")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The config.json name of a model dtype ("float32", "bfloat16", ...): ``str(torch.float32)`` less
+    its ``torch.`` prefix, as transformers writes it."""
+    return str(dtype).removeprefix("torch.")
+
+
+def parse_dtype(value: Any, where: str = "dtype") -> torch.dtype:
+    """``value`` (a torch.dtype or its name, e.g. "bfloat16") as one of the model dtypes
+    (:data:`DTYPES`); ValueError naming ``where`` otherwise."""
+    if isinstance(value, torch.dtype) and value in DTYPES.values():
+        return value
+    if isinstance(value, str) and value in DTYPES:
+        return DTYPES[value]
+    raise ValueError(f"{where} must be one of {list(DTYPES)} (or the torch.dtype), got {value!r}")
+
+
+def model_dtype(dtype: Any, config: dict[str, Any], where: str = "config.json") -> torch.dtype:
+    """The dtype to build a model in: ``dtype`` when not None, else config.json's ``"dtype"`` (what
+    transformers 5 writes) or ``"torch_dtype"`` (transformers 4.x), else float32."""
+    if dtype is not None:
+        return parse_dtype(dtype)
+    for key in ("dtype", "torch_dtype"):
+        if config.get(key) is not None:
+            return parse_dtype(config[key], f"{where}: {key}")
+    return torch.float32
+
+
+# ---------------------------------------------------------------------------- generation_config.json
+# transformers' GenerationConfig defaults for a key that generation_config.json leaves out while sampling
+_SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}
+
+
+def _number(file: Path, data: dict[str, Any], key: str, lo: float, hi: float | None = None, lo_open=False):
+    """``data[key]`` checked to be a number in [lo, hi] ((lo, hi] with ``lo_open``); None when absent."""
+    value = data.get(key)
+    if value is None:
+        return None
+    in_range = (
+        not isinstance(value, bool)
+        and isinstance(value, (int, float))
+        and math.isfinite(value)
+        and (value > lo if lo_open else value >= lo)
+        and (hi is None or value <= hi)
+    )
+    if not in_range:
+        bounds = f"{'(' if lo_open else '['}{lo}, {'∞)' if hi is None else f'{hi}]'}"
+        raise ValueError(f"{file}: {key} must be a number in {bounds}, got {value!r}")
+    return value
+
+
+def _count(file: Path, data: dict[str, Any], key: str):
+    """``data[key]`` checked to be an int >= 0; None when absent."""
+    value = data.get(key)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise ValueError(f"{file}: {key} must be an int >= 0, got {value!r}")
+    return value
+
+
+def generation_defaults(folder: str | Path) -> dict[str, Any]:
+    """The decoding settings that ``folder/generation_config.json`` asks for, as keyword arguments of
+    ``ssmkit.generate`` (temperature, top_k, top_p, min_p, repetition_penalty, eos_token_id) plus
+    max_new_tokens; ``{}`` when the folder has no such file.
+
+    Read as transformers reads it: greedy (temperature 0) unless ``do_sample`` is true; when sampling, an
+    absent temperature / top_k / top_p is transformers' default 1.0 / 50 / 1.0. ``eos_token_id`` may be
+    a list (ssmkit stops on one token: the first). Other keys are ignored. Values of the wrong type or
+    range are one ValueError naming the file and the key.
+    """
+    file = Path(folder) / "generation_config.json"
+    if not file.is_file():
+        return {}
+    data = read_json(file, "a JSON object (generation defaults)")
+    do_sample = data.get("do_sample")
+    if do_sample is not None and not isinstance(do_sample, bool):
+        raise ValueError(f"{file}: do_sample must be true or false, got {do_sample!r}")
+    sampling = {
+        "temperature": _number(file, data, "temperature", 0.0),
+        "top_k": _count(file, data, "top_k"),
+        "top_p": _number(file, data, "top_p", 0.0, 1.0, lo_open=True),
+        "min_p": _number(file, data, "min_p", 0.0, 1.0),
+    }
+    out: dict[str, Any] = {"temperature": 0.0}
+    if do_sample:
+        out = {k: _SAMPLING_DEFAULTS.get(k) if v is None else v for k, v in sampling.items()}
+        out = {k: v for k, v in out.items() if v is not None}
+    penalty = _number(file, data, "repetition_penalty", 0.0, lo_open=True)
+    if penalty is not None:
+        out["repetition_penalty"] = penalty
+    if _count(file, data, "max_new_tokens") is not None:
+        out["max_new_tokens"] = data["max_new_tokens"]
+    eos = data.get("eos_token_id")
+    if isinstance(eos, list) and eos:
+        eos = eos[0]
+    if eos is not None:
+        _count(file, {"eos_token_id": eos}, "eos_token_id")
+        out["eos_token_id"] = eos
+    return out
 
 
 # ---------------------------------------------------------------------------- reading weights
@@ -245,3 +362,39 @@ def weight_files(folder: Path, format: str) -> list[Path]:
     """The weight files of ``format`` in ``folder``: the single file, an index and its shards."""
     found = {p for pattern in WEIGHT_FILES[format] for p in folder.glob(pattern) if p.is_file()}
     return sorted(found)
+
+
+# ---------------------------------------------------------------------------- building the model
+def build_loaded(
+    build: Callable[[], nn.Module],
+    state_dict: dict[str, Tensor],
+    dtype: torch.dtype,
+    device: torch.device | str | None = None,
+) -> nn.Module:
+    """``build()`` run on the meta device (no memory, no random initialisation), then given the tensors
+    of ``state_dict`` (strict: every key, none extra), cast to ``dtype`` and moved to ``device``.
+
+    Parameters keep their Python attributes (optimiser metadata such as ``_no_weight_decay``), and a
+    parameter that ``build()`` shares between modules (a tied LM head) stays one parameter.
+    """
+    with torch.device("meta"):
+        model = build()
+    params = list(model.named_parameters(remove_duplicate=False))
+    attrs = {name: dict(p.__dict__) for name, p in params}
+    first: dict[int, str] = {}
+    for name, p in params:
+        first.setdefault(id(p), name)
+    shared = {name: first[id(p)] for name, p in params if first[id(p)] != name}
+    # each tensor copied into fresh memory of the model's dtype: a tensor read from a file may sit at an
+    # offset in the file's buffer, and unaligned weights can take other (differently rounded) CPU paths
+    tensors = {
+        k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype, copy=True)
+        for k, v in state_dict.items()
+    }
+    model.load_state_dict(tensors, strict=True, assign=True)
+    for name, p in model.named_parameters(remove_duplicate=False):
+        p.__dict__.update(attrs[name])
+    for name, owner in shared.items():
+        module, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(module), attr, model.get_parameter(owner))
+    return model

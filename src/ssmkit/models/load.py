@@ -1,6 +1,10 @@
-"""Load any ssmkit language model folder: read config.json, dispatch on its model type.
+"""Load any ssmkit language model, from a folder or a Hub id: read config.json, dispatch on its model type.
 
-    load_model(path) -> MambaLM | TransformerLM
+    load_model(name_or_path, revision=None, dtype=None, device=None, cache_dir=None,
+               local_files_only=None) -> MambaLM | TransformerLM
+
+A Hub id ("org/name") is resolved to a snapshot folder in the Hugging Face cache first
+(``ssmkit.models.hub.resolve``: offline, the cache only; ``pip install 'ssmkit[hub]'``).
 
 The model type is checked first, so a folder of another architecture (a transformers Llama, a Mamba-2
 model) is one line naming the type found and the types supported — not a long list of missing and
@@ -21,9 +25,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from ssmkit.models import checkpoint, folder
+from ssmkit.models.folder import parse_dtype
+from ssmkit.models.hub import resolve
 from ssmkit.models.mamba_lm import MambaLM
 from ssmkit.models.transformer_lm import MODEL_TYPE as TRANSFORMER_TYPE
 from ssmkit.models.transformer_lm import TransformerLM
@@ -51,9 +58,21 @@ def model_type_of(path: str | Path) -> str:
     return found
 
 
-def load_model(path: str | Path) -> nn.Module:
-    """The model saved in the folder ``path`` (in training mode, as ``from_pretrained`` returns it).
+def load_model(
+    name_or_path: str | Path,
+    revision: str | None = None,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
+    cache_dir: str | Path | None = None,
+    local_files_only: bool | None = None,
+) -> nn.Module:
+    """The model saved in the folder or Hub id ``name_or_path`` (in training mode, as ``from_pretrained``
+    returns it). The id is resolved once (``ssmkit.models.hub.resolve``), the model type read from its
+    config.json, and the class of that type loads the folder; arguments as ``MambaLM.from_pretrained``.
 
     Raises FileNotFoundError / NotADirectoryError / ValueError with one line naming the file and the cause.
     """
-    return MODEL_TYPES[model_type_of(path)][1].from_pretrained(path)
+    if dtype is not None:
+        parse_dtype(dtype)  # a bad argument is refused before anything is read or fetched
+    path = resolve(name_or_path, revision, cache_dir, local_files_only)
+    return MODEL_TYPES[model_type_of(path)][1].from_pretrained(path, dtype=dtype, device=device)

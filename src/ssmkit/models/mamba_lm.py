@@ -36,33 +36,51 @@ import torch
 from torch import Tensor, nn
 
 from ssmkit.generate import GenerationMixin, check_input_ids, check_num_last_tokens
+from ssmkit.layers.attention import KVCache, MultiheadAttention
 from ssmkit.layers.mamba import Mamba, MambaState
 from ssmkit.layers.mamba2 import Mamba2, Mamba2State
+from ssmkit.layers.mlp import GatedMLP
 from ssmkit.layers.norm import RMSNorm
 from ssmkit.models.cache import Cache
-from ssmkit.models.config import Mamba2Config, MambaConfig
+from ssmkit.models.config import Mamba2Config, MambaConfig, attention_kwargs
 
 
 class MambaBlock(nn.Module):
-    """Pre-norm residual block: ``out = residual + mixer(norm(x))``, residual kept in float32 if asked.
+    """Pre-norm residual block ``h = h + mixer(norm(h))``, then, when ``d_intermediate > 0``,
+    ``h = h + mlp(norm2(h))`` (mamba-ssm's ``Block``); the residual stream is kept in float32 if asked.
 
-    The mixer is ``Mamba`` for a :class:`MambaConfig` and ``Mamba2`` for a :class:`Mamba2Config`."""
+    The mixer is ``Mamba`` for a :class:`MambaConfig`, ``Mamba2`` for a :class:`Mamba2Config`, and causal
+    self-attention (``MultiheadAttention`` with mamba-ssm's ``MHA`` names) for the layers in
+    ``attn_layer_idx`` of a hybrid; every one of them speaks the same state protocol."""
 
     def __init__(self, config: MambaConfig | Mamba2Config, layer_idx: int, device=None, dtype=None):
         super().__init__()
+        f = {"device": device, "dtype": dtype}
         self.residual_in_fp32 = config.residual_in_fp32
-        self.norm = RMSNorm(config.d_model, eps=config.norm_eps, device=device, dtype=dtype)
-        mixer = Mamba if config.layer == "Mamba1" else Mamba2
-        self.mixer = mixer(
-            config.d_model, layer_idx=layer_idx, device=device, dtype=dtype, **config.mixer_kwargs()
-        )
-        if config.layer == "Mamba2" and config.rmsnorm:
-            self.mixer.norm.eps = config.norm_eps  # transformers' gated norm uses layer_norm_epsilon too
+        self.norm = RMSNorm(config.d_model, eps=config.norm_eps, **f)
+        if layer_idx in config.attn_layer_idx:
+            self.mixer = MultiheadAttention(**attention_kwargs(config.d_model, config.attn_cfg), **f)
+        else:
+            mixer = Mamba if config.layer == "Mamba1" else Mamba2
+            self.mixer = mixer(config.d_model, layer_idx=layer_idx, **f, **config.mixer_kwargs())
+            if config.layer == "Mamba2" and config.rmsnorm:
+                self.mixer.norm.eps = config.norm_eps  # transformers' gated norm uses layer_norm_epsilon too
+        self.norm2 = self.mlp = None
+        if config.d_intermediate > 0:
+            self.norm2 = RMSNorm(config.d_model, eps=config.norm_eps, **f)
+            self.mlp = GatedMLP(config.d_model, config.d_intermediate, **f)
 
-    def forward(self, hidden_states: Tensor, state: MambaState | Mamba2State | None = None) -> Tensor:
-        residual = hidden_states.float() if self.residual_in_fp32 else hidden_states  # (b, l, d)
-        mixed = self.mixer(self.norm(hidden_states.to(self.norm.weight.dtype)), state=state)  # (b, l, d)
-        return residual + mixed  # (b, l, d)
+    def forward(
+        self, hidden_states: Tensor, state: MambaState | Mamba2State | KVCache | None = None
+    ) -> Tensor:
+        keep = not self.residual_in_fp32 or hidden_states.dtype == torch.float64  # float64 stays float64
+        residual = hidden_states if keep else hidden_states.float()  # (b, l, d)
+        hidden = residual + self.mixer(
+            self.norm(hidden_states.to(self.norm.weight.dtype)), state
+        )  # (b, l, d)
+        if self.mlp is not None:
+            hidden = hidden + self.mlp(self.norm2(hidden.to(self.norm2.weight.dtype)))  # (b, l, d)
+        return hidden
 
 
 class MambaBackbone(nn.Module):
@@ -87,9 +105,11 @@ def init_weights(model: nn.Module, n_layer: int, initializer_range: float = 0.02
     """mamba-ssm's ``_init_weights`` (``mamba_ssm/models/mixer_seq_simple.py``), in place.
 
     Zero every Linear bias except those marked ``_no_reinit`` (dt_proj.bias); embeddings N(0,
-    initializer_range); every ``out_proj.weight`` re-drawn with kaiming_uniform(a=√5) and divided by
-    √n_layer (the GPT-2 prenorm-residual rescale with one residual per layer).
+    initializer_range); every ``out_proj.weight`` and ``fc2.weight`` re-drawn with kaiming_uniform(a=√5)
+    and divided by √(r · n_layer), r the residuals per block (1, or 2 with an MLP): the GPT-2
+    prenorm-residual rescale.
     """
+    residuals = 2 if any(isinstance(m, GatedMLP) for m in model.modules()) else 1
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, nn.Linear) and module.bias is not None:
@@ -98,9 +118,9 @@ def init_weights(model: nn.Module, n_layer: int, initializer_range: float = 0.02
             elif isinstance(module, nn.Embedding):
                 module.weight.normal_(0.0, initializer_range)
         for name, p in model.named_parameters():
-            if name.endswith("out_proj.weight"):
+            if name.endswith(("out_proj.weight", "fc2.weight")):
                 nn.init.kaiming_uniform_(p, a=math.sqrt(5))
-                p.div_(math.sqrt(n_layer))
+                p.div_(math.sqrt(residuals * n_layer))
 
 
 class MambaLM(GenerationMixin, nn.Module):
@@ -153,18 +173,45 @@ class MambaLM(GenerationMixin, nn.Module):
 
     # ------------------------------------------------------------------ checkpoints
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> MambaLM:
-        """Load a local folder in Hugging Face or mamba-ssm format (see ``ssmkit.models.checkpoint``)."""
-        from ssmkit.models.checkpoint import load_checkpoint
+    def from_pretrained(
+        cls,
+        name_or_path: str | Path,
+        revision: str | None = None,
+        dtype: torch.dtype | str | None = None,
+        device: torch.device | str | None = None,
+        cache_dir: str | Path | None = None,
+        local_files_only: bool | None = None,
+    ) -> MambaLM:
+        """Load a model folder or Hub id in Hugging Face or mamba-ssm format (``ssmkit.models.checkpoint``).
 
-        config, state_dict = load_checkpoint(path)
-        model = cls(config)
-        model.load_state_dict(state_dict, strict=True)
-        return model
+        Args:
+            name_or_path: a local folder, or a Hub id such as "state-spaces/mamba-130m-hf" (resolved by
+                ``ssmkit.models.hub.resolve`` through the Hugging Face cache; offline, the cache only).
+            revision: branch, tag or commit of a Hub id (default "main").
+            dtype: float32 / bfloat16 / float16 / float64 (a torch.dtype or its name); None: config.json's
+                ``dtype`` / ``torch_dtype``, else float32 (a mamba-ssm config.json has neither).
+            device: where the weights go (default cpu).
+            cache_dir: the Hub cache (default: ``HF_HUB_CACHE``, else ``$HF_HOME/hub``).
+            local_files_only: True: never use the network; None: follow ``HF_HUB_OFFLINE``.
+        Returns:
+            the model in training mode; the weights are the checkpoint's, nothing is randomly initialised.
+        """
+        from ssmkit.models.checkpoint import load_checkpoint
+        from ssmkit.models.folder import build_loaded, model_dtype, parse_dtype, read_config
+        from ssmkit.models.hub import resolve
+
+        if dtype is not None:
+            parse_dtype(dtype)  # a bad argument is refused before anything is read or fetched
+        folder = resolve(name_or_path, revision, cache_dir, local_files_only)
+        dtype = model_dtype(dtype, read_config(folder), str(folder / "config.json"))
+        config, state_dict = load_checkpoint(folder)
+        return build_loaded(lambda: cls(config), state_dict, dtype, device)
 
     def save_pretrained(self, path: str | Path, format: str = "hf") -> None:
-        """Write ``config.json`` + weights; ``format="hf"`` (model.safetensors, loads in transformers'
-        ``MambaForCausalLM``) or ``"mamba-ssm"`` (pytorch_model.bin, mamba-ssm's ``from_pretrained``)."""
+        """Write ``config.json`` + weights in the dtype the model holds; ``format="hf"``
+        (model.safetensors, config.json ``"dtype"``; loads in transformers' ``MambaForCausalLM``) or
+        ``"mamba-ssm"`` (pytorch_model.bin, mamba-ssm's ``from_pretrained``; its config.json has no dtype
+        key, so it loads as float32 unless ``dtype=`` is given)."""
         from ssmkit.models.checkpoint import save_checkpoint
 
         save_checkpoint(path, self.config, self.state_dict(), format=format)

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from ssmkit.generate import GenerationMixin, check_input_ids, check_num_last_tokens
 from ssmkit.layers.attention import TransformerBlock, sinusoidal_positions
 from ssmkit.models.cache import Cache
-from ssmkit.models.folder import read_config, read_safetensors
+from ssmkit.models.folder import build_loaded, dtype_name, model_dtype, parse_dtype, read_config, read_weights
 from ssmkit.utils import atomic_save, atomic_write_text, config_from_dict
 
 MODEL_TYPE = "ssmkit-transformer"
@@ -166,8 +166,9 @@ class TransformerLM(GenerationMixin, nn.Module):
 
     # ------------------------------------------------------------------ checkpoints
     def save_pretrained(self, path: str | os.PathLike) -> None:
-        """Write ``config.json`` (with ``"model_type": "ssmkit-transformer"``) and ``model.safetensors``
-        (a tied head is stored once, as the embedding), each atomically."""
+        """Write ``config.json`` (with ``"model_type": "ssmkit-transformer"`` and ``"dtype"``, the dtype of
+        the weights) and ``model.safetensors`` (a tied head is stored once, as the embedding), each
+        atomically."""
         from safetensors.torch import save_file
 
         folder = Path(path)
@@ -178,27 +179,53 @@ class TransformerLM(GenerationMixin, nn.Module):
         atomic_save(
             folder / "model.safetensors", lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"})
         )
-        atomic_write_text(
-            folder / "config.json", json.dumps({"model_type": MODEL_TYPE, **self.config.to_dict()}, indent=2)
-        )
+        config = {
+            "model_type": MODEL_TYPE,
+            **self.config.to_dict(),
+            "dtype": dtype_name(state["embedding.weight"].dtype),
+        }
+        atomic_write_text(folder / "config.json", json.dumps(config, indent=2))
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike) -> TransformerLM:
-        """Load a folder written by :meth:`save_pretrained` (strict: every key present, none extra;
-        one-line errors naming the file otherwise)."""
-        folder = Path(path)
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike,
+        revision: str | None = None,
+        dtype: torch.dtype | str | None = None,
+        device: torch.device | str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool | None = None,
+    ) -> TransformerLM:
+        """Load a folder written by :meth:`save_pretrained`, or a Hub id holding one (strict: every key
+        present, none extra; one-line errors naming the file otherwise). The weights may be one
+        model.safetensors or shards with a model.safetensors.index.json. Arguments as
+        :meth:`ssmkit.MambaLM.from_pretrained` (dtype: the argument, else config.json's, else float32)."""
+        from ssmkit.models.hub import resolve
+
+        if dtype is not None:
+            parse_dtype(dtype)  # a bad argument is refused before anything is read or fetched
+        folder = resolve(name_or_path, revision, cache_dir, local_files_only)
         where = folder / "config.json"
         data = read_config(folder)
         if data.get("model_type") != MODEL_TYPE:
             raise ValueError(f"{where} has model_type {data.get('model_type')!r}, expected {MODEL_TYPE!r}")
-        model = cls(TransformerConfig.from_dict(data, where=str(where)))
-        weights = folder / "model.safetensors"
-        if not weights.is_file():
-            raise FileNotFoundError(f"{weights} not found (a TransformerLM folder holds config.json and it)")
-        state = read_safetensors(weights)
-        if model.config.tie_embeddings and "embedding.weight" in state:
+        dtype = model_dtype(dtype, data, str(where))
+        fields = {k: v for k, v in data.items() if k not in ("dtype", "torch_dtype")}
+        config = TransformerConfig.from_dict(fields, where=str(where))
+        if (
+            not (folder / "model.safetensors").is_file()
+            and not (folder / "model.safetensors.index.json").is_file()
+        ):
+            raise FileNotFoundError(
+                f"{folder / 'model.safetensors'} not found (a TransformerLM folder holds config.json and it, "
+                "or its shards and model.safetensors.index.json)"
+            )
+        state, source = read_weights(folder)
+        weights = folder / source
+        if config.tie_embeddings and "embedding.weight" in state:
             state["lm_head.weight"] = state["embedding.weight"]
-        expected = set(model.state_dict())
+        with torch.device("meta"):
+            expected = set(cls(config).state_dict())
         missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
         if missing or unexpected:
             raise ValueError(
@@ -206,5 +233,4 @@ class TransformerLM(GenerationMixin, nn.Module):
                 f"missing {missing[:5]}{'…' if len(missing) > 5 else ''}, "
                 f"unexpected {unexpected[:5]}{'…' if len(unexpected) > 5 else ''}"
             )
-        model.load_state_dict(state, strict=True)
-        return model
+        return build_loaded(lambda: cls(config), state, dtype, device)
