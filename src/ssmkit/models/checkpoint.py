@@ -47,7 +47,7 @@ from torch import Tensor
 
 from ssmkit.layers.mlp import gated_mlp_width
 from ssmkit.models.config import Mamba2Config, MambaConfig
-from ssmkit.models.folder import WEIGHT_FILES, model_type, read_config, read_weights, weight_files
+from ssmkit.models.folder import WEIGHT_FILES, model_type, read_config, read_index, read_weights, weight_files
 from ssmkit.utils import atomic_save, atomic_write_text, config_from_dict
 
 FORMATS = ("hf", "mamba-ssm")
@@ -517,17 +517,23 @@ def check_state_dict(
     config: AnyMambaConfig, state_dict: dict[str, Tensor], source: str = "checkpoint"
 ) -> None:
     """Raise one ValueError listing every missing, unexpected and mis-shaped key (mamba-ssm names)."""
+    shapes = {k: (tuple(v.shape), v.is_floating_point()) for k, v in state_dict.items()}
+    check_shapes(config, shapes, source)
+
+
+def check_shapes(
+    config: AnyMambaConfig, shapes: dict[str, tuple[tuple[int, ...], bool]], source: str = "checkpoint"
+) -> None:
+    """``check_state_dict`` on (shape, is floating) per key, so that a file's header is enough."""
     expected = expected_shapes(config)
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
+    missing = [k for k in expected if k not in shapes]
+    unexpected = [k for k in shapes if k not in expected]
     misshaped = [
-        f"{k}: expected {expected[k]}, got {tuple(v.shape)}"
-        for k, v in state_dict.items()
-        if k in expected and tuple(v.shape) != expected[k]
+        f"{k}: expected {expected[k]}, got {shape}"
+        for k, (shape, _) in shapes.items()
+        if k in expected and shape != expected[k]
     ]
-    not_float = [
-        f"{k}: {v.dtype}" for k, v in state_dict.items() if k in expected and not v.is_floating_point()
-    ]
+    not_float = [k for k, (_, floating) in shapes.items() if k in expected and not floating]
     problems = []
     if missing:
         problems.append(f"missing keys {missing}")
@@ -536,9 +542,45 @@ def check_state_dict(
     if misshaped:
         problems.append(f"mis-shaped keys [{'; '.join(misshaped)}]")
     if not_float:
-        problems.append(f"non-floating keys [{'; '.join(not_float)}]")
+        problems.append(f"non-floating keys {not_float}")
     if problems:
         raise ValueError(f"{source} does not match the config: " + "; ".join(problems))
+
+
+def inspect_checkpoint(path: str | Path) -> tuple[AnyMambaConfig, dict[str, tuple[int, ...]]]:
+    """Recognise a safetensors model folder (single file or sharded with an index) and check every
+    tensor's shape against its config.json from the files' headers alone — no tensor is read, so a
+    7B folder is checked in milliseconds. Returns (config, {mamba-ssm key: shape}); ValueError naming
+    the file and every mismatch otherwise."""
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(path)
+    config = config_from_file(read_config(folder), str(folder / "config.json"))
+    if (folder / "model.safetensors").is_file():
+        files, source = [folder / "model.safetensors"], folder / "model.safetensors"
+    elif (folder / "model.safetensors.index.json").is_file():
+        files, source = (
+            read_index(folder, "model.safetensors.index.json"),
+            folder / "model.safetensors.index.json",
+        )
+    else:
+        raise FileNotFoundError(f"{folder} has no model.safetensors or model.safetensors.index.json")
+    shapes: dict[str, tuple[tuple[int, ...], bool]] = {}
+    for file in files:
+        if not file.is_file():
+            raise FileNotFoundError(f"{source} names the shard {file.name}, which is not in {folder}")
+        try:
+            with safe_open(file, "pt") as fh:
+                for name in fh.keys():
+                    part = fh.get_slice(name)
+                    key = "backbone.embedding.weight" if name == "backbone.embeddings.weight" else name
+                    shapes[key] = (tuple(part.get_shape()), part.get_dtype().startswith(("F", "BF")))
+        except SafetensorError as err:
+            raise ValueError(f"{file} is not a readable safetensors file ({err})") from None
+    if config.tie_embeddings and "backbone.embedding.weight" in shapes:
+        shapes.setdefault("lm_head.weight", shapes["backbone.embedding.weight"])
+    check_shapes(config, shapes, str(source))
+    return config, {k: shape for k, (shape, _) in shapes.items()}
 
 
 def load_checkpoint(path: str | Path) -> tuple[AnyMambaConfig, dict[str, Tensor]]:
