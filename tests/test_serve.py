@@ -39,6 +39,7 @@ TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 TIMEOUT = 20.0  # seconds, for any one request or wait
+STARTUP_TIMEOUT = 240.0  # a server's start, which may include the first build of the C++ kernels
 
 
 def make_model_folder(folder: Path, chat_template: str | None) -> None:
@@ -91,8 +92,8 @@ class Server:
         box: list[str] = []
         reader = threading.Thread(target=lambda: box.append(self.proc.stdout.readline()), daemon=True)
         reader.start()
-        reader.join(60)
-        assert box, "the server printed nothing within 60 s"
+        reader.join(STARTUP_TIMEOUT)
+        assert box, f"the server printed nothing within {STARTUP_TIMEOUT} s"
         return box[0]
 
     def health(self) -> dict:
@@ -306,35 +307,27 @@ def test_concurrent_streams_give_each_its_own_tokens(server, reference):
     """Streams that join and leave the running batch at different times: each gets exactly the tokens it
     gets alone (greedy), and the batch really held several at once."""
     prompts = ["a", "Mamba state", "bb bb bb", "Long prompt " * 20, "?", "Zz", "selective scan", "0123"]
-    lengths = [40, 25, 60, 30, 50, 10, 45, 35]
+    lengths = [120, 75, 180, 90, 150, 30, 135, 105]
     want = [expected(reference, reference[1].encode(p), n) for p, n in zip(prompts, lengths)]
     got: dict[int, tuple[str, str | None]] = {}
-    peak = [0]
-    stop_polling = threading.Event()
+    before = server.health()
 
     def run(i):
-        time.sleep(0.03 * i)  # arrive while others are decoding
+        time.sleep(0.01 * (i % 4))  # arrive while others are decoding
         text, reason, _ = stream_text(server, prompt=prompts[i], max_tokens=lengths[i], temperature=0)
         got[i] = (text, reason)
 
-    def poll():
-        while not stop_polling.is_set():
-            peak[0] = max(peak[0], server.health()["active"])
-            time.sleep(0.01)
-
-    poller = threading.Thread(target=poll)
-    poller.start()
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
     for t in threads:
         t.start()
     for t in threads:
         t.join(TIMEOUT)
-    stop_polling.set()
-    poller.join(TIMEOUT)
     assert [got.get(i) for i in range(len(prompts))] == want
-    assert peak[0] >= 2
     health = server.wait_for(lambda h: h["streams"] == 0, "all streams to end")
     assert health["state_bytes"] == 0
+    tokens = health["tokens_generated"] - before["tokens_generated"]
+    steps = health["decode_steps"] - before["decode_steps"]
+    assert steps < 0.75 * tokens, (steps, tokens)  # one step served several streams
 
 
 def test_disconnect_frees_the_slot(server, endless):

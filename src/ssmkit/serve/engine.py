@@ -12,7 +12,9 @@ engine's loop:
        length — and once its prompt is consumed, sample its first token and ``Cache.cat`` its cache onto
        the running batch (SSM states do not depend on the position, so streams at different positions
        batch freely);
-    4. decode: one ``model(last tokens (b, 1), cache=cache)`` call for the whole batch, then each row
+    4. decode: one step for the whole batch — ``ssmkit.engine.decode_step`` (the fused C++ step, which
+       reads every weight once per step whatever b; a module-path step would read them once per row),
+       else ``model(last tokens (b, 1), cache=cache)`` where it does not apply — then each row
        samples its own next token with its own ``torch.Generator`` (a seed reproduces a stream whatever
        else is in the batch), through ``ssmkit.generate.sample_next``;
     5. dispatch each row's new text to its stream; rows that finished (end-of-sequence token, stop string,
@@ -40,6 +42,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ssmkit.data.tokenizer import Tokenizer
+from ssmkit.engine import decode_step
 from ssmkit.generate import sample_next
 from ssmkit.models.cache import Cache
 from ssmkit.serve.text import IncrementalDecoder, StopMatcher
@@ -134,15 +137,17 @@ class Engine:
         self._ids = itertools.count(1)
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ssmkit-serve-engine", daemon=True)
-        self._stats = {"active": 0, "waiting": 0, "state_bytes": 0, "tokens_generated": 0}
+        self._stats = {"active": 0, "waiting": 0, "state_bytes": 0, "tokens_generated": 0, "decode_steps": 0}
 
     # ------------------------------------------------------------------ any thread
     def start(self) -> None:
-        """Warm the model up (the first call loads the compiled kernels), then start the engine thread."""
+        """Warm the model up (the first calls load, or build, the compiled kernels), then start the thread."""
         with torch.inference_mode():
             cache = self.model.new_cache(1)
             self.model(torch.zeros(1, 2, dtype=torch.long), cache=cache, num_last_tokens=1)  # prefill
-            self.model(torch.zeros(1, 1, dtype=torch.long), cache=cache)  # one decode step
+            token = torch.zeros(1, 1, dtype=torch.long)  # (1, 1)
+            if decode_step(self.model, token, cache) is None:  # builds / loads the fused kernel
+                self.model(token, cache=cache)
         self._thread.start()
 
     def submit(self, prompt: list[int], params: SamplingParams, deliver: Callable[[Event], None]) -> Stream:
@@ -180,7 +185,9 @@ class Engine:
             self._inbox.put(None)  # wake the loop if it waits for work
 
     def stats(self) -> dict:
-        """Live streams, decoding and waiting, and the bytes of state they hold."""
+        """Live streams (``streams``; ``active`` decoding, ``waiting`` for a batch slot or their prefill),
+        the bytes of state they hold, and counters since start: tokens generated and batched decode steps
+        (tokens / steps > 1: streams were decoded together). Refreshed after every engine step."""
         with self._lock:
             live = self._live
         return {
@@ -222,6 +229,7 @@ class Engine:
                     "state_bytes": (cache.nbytes if cache is not None else 0)
                     + sum(s.cache.nbytes for s in waiting if s.cache is not None),
                     "tokens_generated": self._stats["tokens_generated"],
+                    "decode_steps": self._stats["decode_steps"],
                 }
         self._take_inbox(waiting, block=False)
         for s in [*active, *waiting]:
@@ -271,7 +279,11 @@ class Engine:
         if not active or cache is None:
             return cache
         tokens = torch.tensor([[s.last_token] for s in active], dtype=torch.long)  # (b, 1)
-        logits = self.model(tokens, cache=cache)[:, -1, : self.vocab_size]  # (b, v)
+        logits = decode_step(self.model, tokens, cache)  # (b, 1, V_pad), None where it does not apply
+        if logits is None:
+            logits = self.model(tokens, cache=cache)  # (b, 1, V_pad)
+        logits = logits[:, -1, : self.vocab_size]  # (b, v)
+        self._stats["decode_steps"] += 1
         keep = [
             i for i, (s, t) in enumerate(zip(active, self._sample(logits, active))) if not self._accept(s, t)
         ]
