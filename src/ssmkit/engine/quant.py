@@ -1,6 +1,7 @@
 """Weight-only int8 quantization of a Mamba language model, and its safetensors I/O.
 
-Scheme: symmetric, one float32 scale per output row (per output channel) of every large matrix:
+Scheme: symmetric, one scale per output row (per output channel) of every large matrix, stored in the
+model's float dtype (float32, or bfloat16 for a bfloat16 model):
 
     s_o = max_k |W_ok| / 127        q_ok = round(W_ok / s_o) ∈ [−127, 127]        Ŵ_ok = s_o · q_ok
 
@@ -18,9 +19,9 @@ the inner loop of the matrix-vector product (no scale per block, one multiply pe
 row of storage. ``benchmarks/bench_decode_engine.py`` measures the speed.
 
 The quantized layers keep the module path working (it is the fused step's slow twin):
-:class:`QuantLinear` and :class:`QuantEmbedding` hold ``qweight`` (int8) and ``scale`` (float32) buffers
-and expose the dequantized ``weight`` Ŵ as a read-only property, so code that reads ``layer.weight``
-(the Mamba mixer does) computes exactly with Ŵ.
+:class:`QuantLinear` and :class:`QuantEmbedding` hold ``qweight`` (int8) and ``scale`` buffers and expose
+the dequantized ``weight`` Ŵ (in the scale's dtype) as a read-only property, so code that reads
+``layer.weight`` (the Mamba mixer does) computes exactly with Ŵ.
 
 Checkpoints: :func:`save_quantized` writes one safetensors file of the state dict (``….qweight``,
 ``….scale`` beside the float tensors; a tied embedding is stored once, as ``lm_head``), with the scheme in
@@ -50,15 +51,16 @@ _MIXER_LINEARS = ("in_proj", "x_proj", "dt_proj", "out_proj")
 structure_changes = [0]  # bumped whenever a model's modules are replaced here (the fused decoder re-packs)
 
 
-def quantize_rows(weight: Tensor) -> tuple[Tensor, Tensor]:
-    """Symmetric per-row int8: weight (o, k) float -> (q (o, k) int8, s (o,) float32) with Ŵ = s[:, None] q.
+def quantize_rows(weight: Tensor, scale_dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """Symmetric per-row int8: weight (o, k) -> (q (o, k) int8, s (o,) ``scale_dtype``), Ŵ = s[:, None] q.
 
-    A row of zeros gets scale 1 (and q = 0), so Ŵ is exact there too.
+    The scale is rounded to ``scale_dtype`` (the model's float dtype) before q is computed against it, so
+    |Ŵ − W| <= s / 2 holds for the stored s (up to the clamp at ±127). A row of zeros gets s = 1, q = 0.
     """
     w = weight.detach().float()  # (o, k)
     scale = w.abs().amax(dim=1) / 127.0  # (o,)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # (o,)
-    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)  # (o, k)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale)).to(scale_dtype)  # (o,)
+    q = torch.round(w / scale.float()[:, None]).clamp_(-127, 127).to(torch.int8)  # (o, k)
     return q, scale
 
 
@@ -82,18 +84,17 @@ class QuantLinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> QuantLinear:
         """Quantize ``linear``'s weight (bias kept, in float32)."""
-        out = cls(linear.in_features, linear.out_features, linear.bias is not None, linear.weight.device)
-        q, s = quantize_rows(linear.weight)
-        out.qweight.copy_(q)
-        out.scale.copy_(s)
+        out = cls(linear.in_features, linear.out_features, False, linear.weight.device)
+        out.qweight, out.scale = quantize_rows(linear.weight, linear.weight.dtype)
         if linear.bias is not None:
-            out.bias.data.copy_(linear.bias.detach().float())
+            out.bias = nn.Parameter(linear.bias.detach().clone())
         return out
 
     @property
     def weight(self) -> Tensor:
-        """The dequantized weight Ŵ (out_features, in_features), float32 (recomputed on every access)."""
-        return self.qweight.float() * self.scale.float()[:, None]  # (o, k)
+        """The dequantized weight Ŵ (out_features, in_features) in the scale's dtype (the model's float
+        dtype), recomputed on every access."""
+        return self.qweight.to(self.scale.dtype) * self.scale[:, None]  # (o, k)
 
     def forward(self, x: Tensor) -> Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
@@ -116,11 +117,11 @@ class QuantEmbedding(nn.Module):
 
     @property
     def weight(self) -> Tensor:
-        """The dequantized table (num_embeddings, embedding_dim), float32."""
-        return self.qweight.float() * self.scale.float()[:, None]
+        """The dequantized table (num_embeddings, embedding_dim) in the scale's dtype."""
+        return self.qweight.to(self.scale.dtype) * self.scale[:, None]
 
     def forward(self, ids: Tensor) -> Tensor:
-        return F.embedding(ids, self.qweight).float() * self.scale.float()[ids][..., None]  # (..., d)
+        return F.embedding(ids, self.qweight).to(self.scale.dtype) * self.scale[ids][..., None]  # (..., d)
 
 
 def is_quantized(model: nn.Module) -> bool:

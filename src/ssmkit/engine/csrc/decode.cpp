@@ -114,6 +114,9 @@ static void embed_row(const Weight& w, int64_t id, float* out) {
 
 #if defined(__x86_64__) || defined(__i386__)
 #define SSMKIT_X86 1
+#endif
+#ifdef SSMKIT_X86
+#include <immintrin.h>
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
 namespace avx512 {
@@ -297,6 +300,30 @@ class Decoder {
   }
 };
 
+// y = x Wᵀ through the step's matrix-vector product: weight (O, K) float32 / bfloat16 / int8 (+ scales),
+// x (nb, K) float32 -> y (nb, O) float32.
+static at::Tensor gemv(const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& x,
+                       const std::string& isa) {
+  const Weight w = make_weight(weight, scale.numel() ? scale : at::Tensor(), "weight");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == w.cols && x.scalar_type() == at::kFloat, "x must be (nb, ", w.cols,
+              ") float32");
+  auto xc = x.contiguous();
+  const int64_t nb = xc.size(0);
+  auto y = at::empty({nb, w.rows}, at::kFloat);
+  const std::string use = isa == "auto" ? best_isa() : isa;
+  TORCH_CHECK(has_isa(use), "instruction set ", use, " is not available on this CPU");
+  py::gil_scoped_release nogil;
+#ifdef SSMKIT_X86
+  if (use == "avx512")
+    avx512::gemv(w, xc.data_ptr<float>(), nb, y.data_ptr<float>());
+  else if (use == "avx2")
+    avx2::gemv(w, xc.data_ptr<float>(), nb, y.data_ptr<float>());
+  else
+#endif
+    generic::gemv(w, xc.data_ptr<float>(), nb, y.data_ptr<float>());
+  return y;
+}
+
 }  // namespace ssmkit_decode
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -304,5 +331,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(py::init<const std::vector<std::vector<at::Tensor>>&, const at::Tensor&, const at::Tensor&,
                     const at::Tensor&, const at::Tensor&, const at::Tensor&, double, int64_t>())
       .def("step", &ssmkit_decode::Decoder::step, "one fused decode step for every sequence");
+  m.def("gemv", &ssmkit_decode::gemv, "y = x W^T through the fused step's matrix-vector product");
   m.def("available_isas", &ssmkit_decode::available_isas, "instruction sets this CPU runs, best first");
 }

@@ -47,16 +47,34 @@ static inline float hsum(vf v) {
 
 // ---- weights: VW consecutive weights as floats, and one weight as a float --------------------------------
 static inline vf loadw(const float* p) { return loadf(p); }
+// Widening loads: one instruction each with AVX-512 / AVX2 (GCC scalarises __builtin_convertvector from
+// 8-bit lanes, and splits the 16-bit one), the portable vector-extension form elsewhere.
 static inline vf loadw(const uint16_t* p) {
+#if SSMKIT_VW == 16 && defined(SSMKIT_X86)
+  const __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return (vf)_mm512_slli_epi32(u, 16);
+#elif SSMKIT_VW == 8 && defined(SSMKIT_X86)
+  const __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return (vf)_mm256_slli_epi32(u, 16);
+#else
   vh h;
   __builtin_memcpy(&h, p, sizeof h);
   const vu u = __builtin_convertvector(h, vu) << 16;
   return (vf)u;  // same-size vector cast: a bit cast
+#endif
 }
 static inline vf loadw(const int8_t* p) {
+#if SSMKIT_VW == 16 && defined(SSMKIT_X86)
+  return (vf)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#elif SSMKIT_VW == 8 && defined(SSMKIT_X86)
+  int64_t bits;
+  __builtin_memcpy(&bits, p, sizeof bits);
+  return (vf)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_cvtsi64_si128(bits)));
+#else
   vb q;
   __builtin_memcpy(&q, p, sizeof q);
-  return __builtin_convertvector(q, vf);
+  return __builtin_convertvector(__builtin_convertvector(q, vi), vf);
+#endif
 }
 static inline float w1(const float* p) { return *p; }
 static inline float w1(const uint16_t* p) {
@@ -359,4 +377,10 @@ static void step(const Model& M, const int64_t* ids, int64_t nb, float* const* c
   rms_norm(hres, M.norm_f, M.eps, nb, Dm, xn);
   const int64_t V = M.head.rows;
   matvec_any(M.head, xn, nb, [&](int64_t o, int64_t j, float v) { logits[j * V + o] = v; });
+}
+
+// y (nb, O) = x (nb, K) Wᵀ: the matrix-vector product alone (tests and the bandwidth benchmark).
+static void gemv(const Weight& w, const float* x, int64_t nb, float* y) {
+  const int64_t O = w.rows;
+  matvec_any(w, x, nb, [&](int64_t o, int64_t j, float v) { y[j * O + o] = v; });
 }
