@@ -591,3 +591,50 @@ def test_cli_in_a_fresh_process_reads_the_environment(hub_home, tmp_path):
     argv[4] = "org/not-downloaded"
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 1 and done.stderr.count("\n") == 1 and str(hub_home / "hub") in done.stderr
+
+
+# ---------------------------------------------------------------------------- tokenizers by id
+def test_resolve_tokenizer_by_id_offline(offline, tmp_path):
+    """A tokenizer repo in the cache resolves to its snapshot (tokenizer.json required); a local file
+    or folder is returned as it is."""
+    from tokenizers import Tokenizer, models
+
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    Tokenizer(models.WordLevel({"<eos>": 0, "a": 1}, unk_token="<eos>")).save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>"}))
+    snapshot = add_to_cache(offline, "org/tok", folder, COMMIT_A)
+    assert hub.resolve_tokenizer("org/tok") == snapshot
+    assert load_tokenizer(hub.resolve_tokenizer("org/tok"), required=True).eos_token_id == 0
+    assert hub.resolve_tokenizer(folder / "tokenizer.json") == folder / "tokenizer.json"
+    with pytest.raises(FileNotFoundError) as err:
+        hub.resolve_tokenizer("org/mamba-tiny-hf")  # cached, but holds no tokenizer.json
+    assert "\n" not in str(err.value) and "has no tokenizer.json" in str(err.value)
+    with pytest.raises(FileNotFoundError, match="not in the Hugging Face cache"):
+        hub.resolve_tokenizer("org/no-tokenizer")
+
+
+def test_importing_ssmkit_models_does_not_import_huggingface_hub():
+    code = "import sys, ssmkit.models.load, ssmkit.cli.generate; print('huggingface_hub' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "False\n"
+
+
+def test_a_snapshot_with_only_the_files_a_model_needs_loads_offline(offline, tmp_path):
+    """huggingface_hub (2.x) records a commit's whole file list in ``trees/<commit>.json`` and, offline,
+    refuses a snapshot that lacks a file the request's patterns match. What ssmkit fetched online is one
+    set of weights, so offline it must ask for no more than config.json: a repo that also holds
+    pytorch_model.bin (never fetched) still loads."""
+    folder = tmp_path / "partial"
+    model = mamba(14)
+    model.save_pretrained(folder)
+    add_to_cache(offline, "org/partial", folder, COMMIT_A)
+    listing = {
+        name: {"size": 1, "blob_id": git_blob_sha1(name.encode())}
+        for name in ("config.json", "model.safetensors", "pytorch_model.bin", "README.md")
+    }
+    trees = offline / "models--org--partial" / "trees"
+    trees.mkdir()
+    (trees / f"{COMMIT_A}.json").write_text(json.dumps({"format_version": 1, "files": listing}))
+    same_weights(load_model("org/partial"), model)
