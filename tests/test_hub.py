@@ -638,3 +638,17 @@ def test_a_snapshot_with_only_the_files_a_model_needs_loads_offline(offline, tmp
     trees.mkdir()
     (trees / f"{COMMIT_A}.json").write_text(json.dumps({"format_version": 1, "files": listing}))
     same_weights(load_model("org/partial"), model)
+
+
+def test_cli_notes_sampling_flags_that_greedy_decoding_ignores(offline, capsys):
+    out = cli_out(
+        capsys, ["generate", "org/mamba-tiny-hf", "--prompt", "ab", "--max-new-tokens", "2", "--top-k", "3"]
+    )
+    assert out == expected_text(SOURCES["org/mamba-tiny-hf"], "ab", 2, temperature=0) + "\n"
+    assert (
+        main(["generate", "org/mamba-tiny-hf", "--prompt", "ab", "--max-new-tokens", "2", "--top-p", "0.5"])
+        == 0
+    )
+    assert capsys.readouterr().err == (
+        "note: greedy decoding (temperature 0) ignores --top-p; give --temperature > 0 to sample\n"
+    )

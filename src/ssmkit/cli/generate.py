@@ -96,6 +96,13 @@ def decoding_settings(args, folder, tokenizer) -> dict:
     for name in SETTINGS:
         if getattr(args, name, None) is not None:
             settings[name] = getattr(args, name)
+    unused = [f"--{n.replace('_', '-')}" for n in ("top_k", "top_p", "min_p") if getattr(args, n) is not None]
+    if settings["temperature"] == 0 and unused:
+        print(
+            f"note: greedy decoding (temperature 0) ignores {', '.join(unused)}; give --temperature > 0 "
+            "to sample",
+            file=sys.stderr,
+        )
     return settings
 
 
