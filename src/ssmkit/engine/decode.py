@@ -32,8 +32,10 @@ vocabulary; ``isa`` the instruction-set variant ("avx512", "avx2", "generic").
 
 from __future__ import annotations
 
+import contextlib
 import math
 import weakref
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -217,6 +219,21 @@ def _signature(tensors: list[Tensor]) -> tuple:
     return tuple((t.data_ptr(), t._version, t.dtype) for t in tensors) + (quant.structure_changes[0],)
 
 
+_enabled = [True]
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Within this block :func:`decode_step` declines (returns None), so one-token calls take the module
+    path — to measure or test the slow twin through ``model(ids, cache=cache)`` itself."""
+    before = _enabled[0]
+    _enabled[0] = False
+    try:
+        yield
+    finally:
+        _enabled[0] = before
+
+
 def forget(model: nn.Module) -> None:
     """Drop the packed decoder :func:`decode_step` keeps for ``model`` (it re-packs on the next call)."""
     _decoders.pop(model, None)
@@ -232,8 +249,10 @@ def decode_step(model: nn.Module, input_ids: Tensor, cache) -> Tensor | None:
     Returns:
         logits (b, 1, V_pad) float32, or None when the fused step cannot run this model (float64 / float16
         weights, not on the CPU, layers other than Mamba, ``SSMKIT_NO_CPU_EXT=1`` or no compiler — the last
-        two warned once): the caller then runs the module path.
+        two warned once — or inside :func:`disabled`): the caller then runs the module path.
     """
+    if not _enabled[0]:
+        return None
     entry = _decoders.get(model)
     if entry is not None:
         sources, signature, decoder = entry
