@@ -23,6 +23,11 @@ same matrix (Listing 1 takes a difference of prefix sums there), and step 4's ar
 is ever a difference. Groups: B and C are shared by the h / g heads of a group, so C Bᵀ (step 1) and its
 causal mask are computed once per group.
 
+Blocks: the chunks are processed k at a time (k = ``chunks_per_block``, by default so that a block's
+(L, L) decays and chunk states hold about 2 MiB), in order, the state carried from block to block; so the
+working set stays in cache instead of streaming (b, h, c, L, L) tensors for the whole sequence through
+memory (on a 2-core EPYC, 1.2–2× faster than all chunks at once, more at long l).
+
 Layouts: the chunk states and the output stay in x's own (b, c, L, h, p) order, which BLAS reads in place
 as (L, h·p) matrices; only the (L, L) blocks of step 1 are head-major (b, h, c, L, ·).
 
@@ -41,6 +46,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+BLOCK_ELEMENTS = 1 << 19
+"""Target elements of a block's (b, h, k, L, L) decays plus (b, k, h, p, n) states (2 MiB in float32)."""
 
 
 def segsum_open(a: Tensor) -> Tensor:
@@ -65,18 +73,20 @@ def ssd_chunked(
     z: Tensor | None = None,
     initial_states: Tensor | None = None,
     seq_idx: Tensor | None = None,
+    chunks_per_block: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """SSD by block decomposition; Δ = ``dt`` already processed. Shapes and result as ``ssd_reference``.
 
     Args:
         x: (b, l, h, p), l >= 1.  dt: (b, l, h).  A: (h,).  B, C: (b, l, g, n).  chunk_size: L >= 1.
         D: (h,) or (h, p).  z: (b, l, h, p).  initial_states: (b, h, p, n).  seq_idx: (b, l) integer.
+        chunks_per_block: chunks processed together (default: about ``BLOCK_ELEMENTS`` elements of
+            (L, L) and state tensors per block, so a block's working set stays in cache).
     Returns:
         y (b, l, h, p) in x's dtype, final state (b, h, p, n) float32 (float64 for float64 x).
     """
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
-    r = h // g  # heads per group
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     L = min(chunk_size, l)
     c = -(-l // L)  # number of chunks
@@ -100,30 +110,49 @@ def ssd_chunked(
     Xc = X.view(b, c, L, h, p)  # (b, c, L, h, p)
     Bc = B.view(b, c, L, g, n).transpose(2, 3)  # (b, c, g, L, n) view
     Cc = C.view(b, c, L, g, n).transpose(2, 3)  # (b, c, g, L, n) view
+    state = None if initial_states is None else initial_states.to(acc)  # (b, h, p, n)
+    if chunks_per_block is None:  # enough chunks that a block's (L, L) and state tensors fill ~2 MiB
+        chunks_per_block = max(1, BLOCK_ELEMENTS // (b * h * (L * L + p * n)))
+    k = min(chunks_per_block, c)
+    # split, not indexing: under autograd each slice would cost a zero-filled full-size gradient
+    parts = zip(a_h.split(k, dim=2), Xc.split(k, dim=1), Bc.split(k, dim=1), Cc.split(k, dim=1))
+    ys = []
+    for a_k, X_k, B_k, C_k in parts:
+        y_k, state = _chunks(a_k, X_k, B_k, C_k, state)  # (b, k, L, h, p), (b, h, p, n)
+        ys.append(y_k)
+    y = torch.cat(ys, dim=1).view(b, c * L, h, p)[:, :l] if len(ys) > 1 else ys[0].view(b, c * L, h, p)[:, :l]
+    return _finish(y, x, D, z, acc), state
+
+
+def _chunks(a_h: Tensor, Xc: Tensor, Bc: Tensor, Cc: Tensor, state: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Steps 1–4 on c consecutive chunks from the state before them (None: zeros).
+
+    a_h (b, h, c, L), Xc (b, c, L, h, p), Bc and Cc (b, c, g, L, n) -> y (b, c, L, h, p), the state after.
+    """
+    b, h, c, L = a_h.shape
+    p, g, n = Xc.shape[-1], Bc.shape[2], Bc.shape[-1]
+    r = h // g
 
     # 1. intra-chunk: the diagonal blocks, a masked "attention" C Bᵀ with decays exp(segsum(a)). The
     #    causal mask is applied to C Bᵀ, once per group, instead of to every head's decay matrix.
     decay = segsum_open(a_h).exp_()  # (b, h, c, L, L): exp(a_{s+1} + … + a_t) for s ≤ t (1 above)
-    upper = torch.ones(L, L, dtype=torch.bool, device=x.device).triu(1)  # (L, L)
+    upper = torch.ones(L, L, dtype=torch.bool, device=a_h.device).triu(1)  # (L, L)
     CB = (Cc @ Bc.transpose(-1, -2)).masked_fill_(upper, 0.0)  # (b, c, g, L, L), causal
     M = decay.view(b, g, r, c, L, L) * CB.transpose(1, 2)[:, :, None]  # (b, g, r, c, L, L)
     Y_diag = M.view(b, h, c, L, L) @ Xc.permute(0, 3, 1, 2, 4)  # (b, h, c, L, p)
 
     # 2. chunk states: what each chunk adds to the state from a zero start, Σ_s decay-to-end · X_s ⊗ B_s.
     to_end = decay[..., -1, :].permute(0, 2, 3, 1)  # (b, c, L, h): exp(a_{s+1} + … + a_{L−1})
-    Xw = (Xc * to_end[..., None]).view(b, c, L, g, r * p)  # (b, c, L, g, r·p)
+    Xw = (Xc * to_end[..., None]).reshape(b, c, L, g, r * p)  # (b, c, L, g, r·p)
     local = (Xw.permute(0, 1, 3, 4, 2) @ Bc).view(b, c, h, p, n)  # (b, c, h, p, n)
 
-    # 3. inter-chunk recurrence: the true state at every chunk start, and the final state.
+    # 3. inter-chunk recurrence: the true state at every chunk start, and the state after the last.
     a_cum = a_h.cumsum(dim=-1)  # (b, h, c, L): a_0 + … + a_t within each chunk
-    if initial_states is None and c == 1:  # one chunk from zero: nothing arrives from earlier chunks
-        y = Y_diag.permute(0, 2, 3, 1, 4).reshape(b, L, h, p)  # (b, l, h, p)
-        return _finish(y, x, D, z, acc), local[:, 0]
+    if state is None and c == 1:  # one chunk from zero: nothing arrives from earlier chunks
+        return Y_diag.permute(0, 2, 3, 1, 4), local[:, 0]  # (b, 1, L, h, p), (b, h, p, n)
     chunk_decay = torch.exp(a_cum[..., -1])  # (b, h, c)
-    if initial_states is None:
+    if state is None:
         state = local.new_zeros(b, h, p, n)  # (b, h, p, n)
-    else:
-        state = initial_states.to(acc)  # (b, h, p, n)
     start_states = []
     # unbind, not local[:, k]: under autograd each indexing would cost a zero-filled local-sized gradient
     for local_k, decay_k in zip(local.unbind(1), chunk_decay[..., None, None].unbind(2)):
@@ -135,9 +164,7 @@ def ssd_chunked(
     Y_off = (Cc @ S.transpose(-1, -2)).view(b, c, g, L, r, p).transpose(2, 3)  # (b, c, L, g, r, p)
     Y_off = Y_off.reshape(b, c, L, h, p)  # (b, c, L, h, p) (a view when g = 1)
     from_start = torch.exp(a_cum).permute(0, 2, 3, 1)[..., None]  # (b, c, L, h, 1): exp(a_0 + … + a_t)
-    Y = torch.addcmul(Y_diag.permute(0, 2, 3, 1, 4), Y_off, from_start)  # (b, c, L, h, p)
-    y = Y.reshape(b, c * L, h, p)[:, :l]  # (b, l, h, p)
-    return _finish(y, x, D, z, acc), state
+    return torch.addcmul(Y_diag.permute(0, 2, 3, 1, 4), Y_off, from_start), state  # (b, c, L, h, p)
 
 
 def _finish(y: Tensor, x: Tensor, D: Tensor | None, z: Tensor | None, acc: torch.dtype) -> Tensor:
