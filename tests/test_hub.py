@@ -652,3 +652,33 @@ def test_cli_notes_sampling_flags_that_greedy_decoding_ignores(offline, capsys):
     assert capsys.readouterr().err == (
         "note: greedy decoding (temperature 0) ignores --top-p; give --temperature > 0 to sample\n"
     )
+
+
+def test_cli_tokenizer_flag_by_id_and_the_byte_fallback_note(offline, capsys, tmp_path):
+    """state-spaces/mamba-* (mamba-ssm format) ship no tokenizer: --tokenizer names one, by id too; without
+    it, a model with more than 256 tokens is read as bytes, and the CLI says so."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {w: i for i, w in enumerate(["<eos>", "the", "cat", "sat", "on", "mat", "a", "dog"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<eos>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    (tmp_path / "tok").mkdir()
+    tok.save(str(tmp_path / "tok" / "tokenizer.json"))
+    add_to_cache(offline, "org/words-tokenizer", tmp_path / "tok", COMMIT_A)
+    model = mamba(15, vocab_size=300)
+    model.save_pretrained(tmp_path / "ssm", format="mamba-ssm")
+    add_to_cache(offline, "org/mamba-300", tmp_path / "ssm", COMMIT_A)
+
+    argv = ["generate", "org/mamba-300", "--prompt", "the cat", "--max-new-tokens", "4"]
+    ids = model.generate(torch.tensor([[1, 2]]), 4, temperature=0)
+    expected = "the cat" + load_tokenizer(tmp_path / "tok").decode(ids[0, 2:].tolist()) + "\n"
+    for name in ("org/words-tokenizer", str(tmp_path / "tok"), str(tmp_path / "tok" / "tokenizer.json")):
+        assert main([*argv, "--tokenizer", name]) == 0
+        out, err = capsys.readouterr()
+        assert out == expected and err == ""
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert out == expected_text(model, "the cat", 4, temperature=0) + "\n"
+    assert err.startswith("note: org/mamba-300 has no tokenizer.json") and "--tokenizer" in err
+    assert main([*argv, "--tokenizer", "org/not-downloaded"]) == 1
+    assert "not in the Hugging Face cache" in capsys.readouterr().err

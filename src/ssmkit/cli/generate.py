@@ -50,6 +50,13 @@ def add_parser(sub) -> None:
         "'ssmkit[hub]')",
     )
     p.add_argument("--revision", default=None, help="branch, tag or commit of a Hub id (default: main)")
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        metavar="NAME_OR_PATH",
+        help="tokenizer.json file, folder or Hub id to use instead of MODEL's own (e.g. "
+        "EleutherAI/gpt-neox-20b for the state-spaces/mamba-* repos, which ship none)",
+    )
     p.add_argument("--prompt", default=None, help="text to continue (required unless --interactive)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="tokens to generate (default 50)")
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default 0: greedy)")
@@ -107,8 +114,8 @@ def decoding_settings(args, folder, tokenizer) -> dict:
 
 
 def _run(args) -> int:
-    from ssmkit.data.tokenizer import load_tokenizer
-    from ssmkit.models.hub import resolve
+    from ssmkit.data.tokenizer import ByteTokenizer, load_tokenizer
+    from ssmkit.models.hub import resolve, resolve_tokenizer
     from ssmkit.models.load import load_model
 
     if args.prompt is None and not args.interactive:
@@ -116,14 +123,21 @@ def _run(args) -> int:
     check_sampling(args)
     try:
         folder = resolve(args.model, revision=args.revision)
+        tok_path = None if args.tokenizer is None else resolve_tokenizer(args.tokenizer)
     except ImportError as err:  # huggingface_hub missing: a user's setup, one line like other user errors
         raise ValueError(str(err)) from None
     model = load_model(folder).eval()
-    tokenizer = load_tokenizer(folder)
+    tokenizer = load_tokenizer(folder) if tok_path is None else load_tokenizer(tok_path, required=True)
     if tokenizer.vocab_size > model.config.padded_vocab_size:
         raise ValueError(
-            f"{args.model}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
-            f"{model.config.padded_vocab_size}"
+            f"{args.tokenizer or args.model}: the tokenizer has {tokenizer.vocab_size} tokens but the model "
+            f"only {model.config.padded_vocab_size}"
+        )
+    if isinstance(tokenizer, ByteTokenizer) and model.config.vocab_size > ByteTokenizer.vocab_size:
+        print(
+            f"note: {args.model} has no tokenizer.json, so text is read as bytes (ids 0..255) although the "
+            f"model has {model.config.vocab_size} tokens; pass --tokenizer NAME_OR_PATH for its own",
+            file=sys.stderr,
         )
     args.settings = decoding_settings(args, folder, tokenizer)
     if args.interactive:
