@@ -682,3 +682,21 @@ def test_cli_tokenizer_flag_by_id_and_the_byte_fallback_note(offline, capsys, tm
     assert err.startswith("note: org/mamba-300 has no tokenizer.json") and "--tokenizer" in err
     assert main([*argv, "--tokenizer", "org/not-downloaded"]) == 1
     assert "not in the Hugging Face cache" in capsys.readouterr().err
+
+
+def test_device_argument_on_cpu(offline):
+    model = load_model("org/mamba-tiny-hf", device="cpu", dtype="float64")
+    assert {(p.device.type, p.dtype) for p in model.parameters()} == {("cpu", torch.float64)}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_device_argument_puts_the_weights_on_cuda(offline):
+    model = load_model("org/mamba-tiny-hf", device="cuda", dtype=torch.bfloat16).eval()
+    assert {(p.device.type, p.dtype) for p in model.parameters()} == {("cuda", torch.bfloat16)}
+    assert model.lm_head.weight is model.backbone.embedding.weight
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = mamba(0).to(torch.bfloat16)(ids)  # the model the repo holds, in bf16 on the CPU
+        got = model(ids.cuda()).cpu()
+    torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
