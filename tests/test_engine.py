@@ -236,6 +236,13 @@ def test_decode_step_declines_what_it_cannot_run():
     assert cache.seqlen_offset == 0
     with pytest.raises(ValueError, match="float64"):
         engine.FusedDecoder(model)
+    model.float()  # a refusal is not remembered: the model is asked again
+    cache = model.new_cache(1)
+    assert engine.decode_step(model, torch.tensor([[1]]), cache) is not None
+    with engine.disabled():
+        assert engine.decode_step(model, torch.tensor([[1]]), cache) is None
+    assert cache.seqlen_offset == 1
+    assert engine.decode_step(model, torch.tensor([[1]]), cache) is not None
 
 
 def test_user_errors_are_one_line():

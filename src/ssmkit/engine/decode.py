@@ -188,7 +188,14 @@ class FusedDecoder:
         self._impl = ext.Decoder(
             layers, emb_w, emb_s, _f32(backbone.norm_f.weight), head_w, head_s, norm_eps, d_conv
         )
+        self._impl.set_sources(list(model.parameters()) + list(model.buffers()))
         self.n_layer = len(backbone.layers)
+
+    def current(self) -> bool:
+        """Whether the packing still matches the model: no parameter or buffer has new data, dtype or
+        version since (an in-place update, ``load_state_dict``, ``model.to``). Replaced modules are not
+        seen (except by :func:`ssmkit.engine.quantize`, which :func:`decode_step` watches)."""
+        return self._impl.current()
 
     def step(self, input_ids: Tensor, cache) -> Tensor:
         """One token per sequence: ``input_ids`` (b, 1) int64/int32 -> logits (b, 1, V_pad) float32.
@@ -208,15 +215,7 @@ class FusedDecoder:
 
 
 # ---- the hook MambaLM.forward calls for one-token steps without autograd ---------------------------------
-_decoders: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (signature, decoder | None)
-
-
-def _sources(model: nn.Module) -> list[Tensor]:
-    return list(model.parameters()) + list(model.buffers())
-
-
-def _signature(tensors: list[Tensor]) -> tuple:
-    return tuple((t.data_ptr(), t._version, t.dtype) for t in tensors) + (quant.structure_changes[0],)
+_decoders: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (structure count, decoder)
 
 
 _enabled = [True]
@@ -254,20 +253,13 @@ def decode_step(model: nn.Module, input_ids: Tensor, cache) -> Tensor | None:
     if not _enabled[0]:
         return None
     entry = _decoders.get(model)
-    if entry is not None:
-        sources, signature, decoder = entry
-        if _signature(sources) != signature:
-            entry = None
-    if entry is None:
-        sources = _sources(model)
-        signature = _signature(sources)
-        decoder = None
-        if unsupported_reason(model) is None:
-            if extension() is None:
-                kernels.warn_fallback(DECODE, "the module decode path", stacklevel=3)
-            else:
-                decoder = FusedDecoder(model)
-        _decoders[model] = (sources, signature, decoder)
-    if decoder is None:
-        return None
-    return decoder.step(input_ids, cache)
+    if entry is None or entry[0] != quant.structure_changes[0] or not entry[1].current():
+        _decoders.pop(model, None)
+        if unsupported_reason(model) is not None:  # asked again next time: the model may change
+            return None
+        if extension() is None:
+            kernels.warn_fallback(DECODE, "the module decode path", stacklevel=3)
+            return None
+        entry = (quant.structure_changes[0], FusedDecoder(model))
+        _decoders[model] = entry
+    return entry[1].step(input_ids, cache)

@@ -29,6 +29,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -248,6 +249,19 @@ class Decoder {
     }
   }
 
+  // The tensors whose values the packed weights were made from (the model's parameters and buffers):
+  // `current()` is false once any of them has new data, dtype or version (an in-place update).
+  void set_sources(const std::vector<at::Tensor>& sources) {
+    sources_ = sources;
+    signature_.clear();
+    for (const auto& t : sources_) signature_.push_back(signature_of(t));
+  }
+  bool current() const {
+    for (size_t i = 0; i < sources_.size(); ++i)
+      if (signature_of(sources_[i]) != signature_[i]) return false;
+    return true;
+  }
+
   // One token for every sequence. ids (nb,) int64; states: the cache's per-layer state objects (with
   // float32 contiguous conv_state (nb, E, Kc) and ssm_state (nb, E, N), updated in place — any other
   // state tensor is first replaced, on the object, by a float32 contiguous copy). Returns (nb, V) logits.
@@ -287,6 +301,13 @@ class Decoder {
 
  private:
   Model M;
+  std::vector<at::Tensor> sources_;
+  std::vector<std::array<int64_t, 3>> signature_;
+
+  static std::array<int64_t, 3> signature_of(const at::Tensor& t) {
+    const int64_t version = t.is_inference() ? 0 : int64_t(t._version());
+    return {reinterpret_cast<int64_t>(t.data_ptr()), version, int64_t(t.scalar_type())};
+  }
 
   static float* state_ptr(py::object& s, const char* name, std::vector<int64_t> shape) {
     at::Tensor t = s.attr(name).cast<at::Tensor>();
@@ -330,7 +351,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<ssmkit_decode::Decoder>(m, "Decoder")
       .def(py::init<const std::vector<std::vector<at::Tensor>>&, const at::Tensor&, const at::Tensor&,
                     const at::Tensor&, const at::Tensor&, const at::Tensor&, double, int64_t>())
-      .def("step", &ssmkit_decode::Decoder::step, "one fused decode step for every sequence");
+      .def("step", &ssmkit_decode::Decoder::step, "one fused decode step for every sequence")
+      .def("set_sources", &ssmkit_decode::Decoder::set_sources, "the tensors the packing was made from")
+      .def("current", &ssmkit_decode::Decoder::current, "whether none of those tensors has changed");
   m.def("gemv", &ssmkit_decode::gemv, "y = x W^T through the fused step's matrix-vector product");
   m.def("available_isas", &ssmkit_decode::available_isas, "instruction sets this CPU runs, best first");
 }
