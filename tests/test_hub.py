@@ -340,7 +340,7 @@ def test_hub_unreachable_falls_back_to_the_cache(hub_home, monkeypatch):
     with pytest.raises(FileNotFoundError) as err:
         load_model("org/elsewhere", cache_dir=cache)
     msg = str(err.value)
-    assert "\n" not in msg and "could not be reached (ConnectionError: Name or service not known)" in msg
+    assert "\n" not in msg and "could not be reached: ConnectionError: Name or service not known)" in msg
 
 
 # ---------------------------------------------------------------------------- dtypes

@@ -153,7 +153,7 @@ def _snapshot(
             Exception
         ) as err:  # no network, a proxy, the Hub down: use the cache, as snapshot_download does
             first = str(err).splitlines()[0] if str(err) else ""
-            offline, why = True, f"the Hub could not be reached ({type(err).__name__}: {first})"
+            offline, why = True, f"the Hub could not be reached: {type(err).__name__}: {first}"
         else:
             wanted = model_files(listing) if files is None else [f for f in files if f in set(listing)]
             if required not in wanted:
