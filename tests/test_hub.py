@@ -700,3 +700,51 @@ def test_device_argument_puts_the_weights_on_cuda(offline):
         expected = mamba(0).to(torch.bfloat16)(ids)  # the model the repo holds, in bf16 on the CPU
         got = model(ids.cuda()).cpu()
     torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
+
+
+def hub_error(name: str) -> Exception:
+    """An instance of huggingface_hub's ``name`` error (built without the HTTP response it wraps)."""
+    cls = getattr(huggingface_hub.utils, name)
+    err = cls.__new__(cls)
+    Exception.__init__(err, f"{name} (simulated)")
+    return err
+
+
+@pytest.mark.parametrize(
+    "error,exc_type,fragment",
+    [
+        (
+            "RepositoryNotFoundError",
+            FileNotFoundError,
+            "is neither a local folder nor a model on the Hugging Face Hub",
+        ),
+        ("RevisionNotFoundError", FileNotFoundError, "has no revision 'nope'"),
+        ("GatedRepoError", PermissionError, "is gated"),
+    ],
+)
+def test_online_errors_are_one_line(hub_home, monkeypatch, capsys, error, exc_type, fragment):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+    def listing(self, repo_id, revision=None):
+        raise hub_error(error)
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", listing)
+    with pytest.raises(exc_type) as err:
+        load_model("org/mamba-tiny-hf", revision="nope", cache_dir=hub_home / "hub")
+    assert "\n" not in str(err.value) and fragment in str(err.value)
+    assert main(["generate", "org/elsewhere", "--revision", "nope", "--prompt", "x"]) == 1
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_online_repo_without_a_config_is_one_line(hub_home, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(
+        huggingface_hub.HfApi,
+        "list_repo_files",
+        lambda self, repo_id, revision=None: ["README.md", "data.csv"],
+    )
+    with pytest.raises(FileNotFoundError) as err:
+        load_model("org/a-dataset", cache_dir=hub_home / "hub")
+    assert str(err.value) == (
+        "Hub repo 'org/a-dataset' has no config.json, which ssmkit needs (it holds README.md, data.csv)"
+    )

@@ -149,16 +149,15 @@ def _snapshot(
                 f"{repo_id!r} is neither a local folder nor a model on the Hugging Face Hub (a private "
                 "repo needs `hf auth login`)"
             ) from None
-        except (
-            Exception
-        ) as err:  # no network, a proxy, the Hub down: use the cache, as snapshot_download does
+        except Exception as err:
+            # no network, a proxy, the Hub down: use the cache, as snapshot_download itself does
             first = str(err).splitlines()[0] if str(err) else ""
             offline, why = True, f"the Hub could not be reached: {type(err).__name__}: {first}"
         else:
             wanted = model_files(listing) if files is None else [f for f in files if f in set(listing)]
             if required not in wanted:
                 raise FileNotFoundError(
-                    f"Hub repo {at} has no {required}: it is not a model folder ssmkit can load "
+                    f"Hub repo {at} has no {required}, which ssmkit needs "
                     f"(it holds {', '.join(sorted(listing)[:8])}{', ...' if len(listing) > 8 else ''})"
                 )
             return Path(
