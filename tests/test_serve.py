@@ -496,3 +496,33 @@ def test_transformer_folder_is_refused(tmp_path):
     assert r.returncode == 1
     assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
     assert "KV cache grows" in r.stderr and "Mamba" in r.stderr
+
+
+# ---------------------------------------------------------------------- text pieces (no server)
+
+
+def test_incremental_decoder_waits_for_whole_characters():
+    from ssmkit.data.tokenizer import ByteTokenizer
+    from ssmkit.serve.text import IncrementalDecoder
+
+    text = "añb€c😀d"
+    decoder = IncrementalDecoder(ByteTokenizer())
+    pieces = [decoder.push(b) for b in text.encode("utf-8")]
+    assert "".join(pieces) + decoder.flush() == text
+    assert all("\ufffd" not in p for p in pieces)
+    assert pieces[:3] == ["a", "", "ñ"]  # ñ is two bytes: nothing after the first
+    assert len(decoder._ids) <= 5  # the window, not the whole text
+
+
+def test_stop_matcher_holds_back_possible_starts_only():
+    from ssmkit.serve.text import StopMatcher
+
+    m = StopMatcher(("END", "xy"))
+    assert m.push("abcE") == ("abc", False)  # "E" may start "END"
+    assert m.push("Nd") == ("ENd", False)  # it did not
+    assert m.push("x") == ("", False)
+    assert m.push("yz") == ("", True)  # "xy" completed: nothing of it is returned
+    m = StopMatcher(("END",))
+    assert m.push("aEN") == ("a", False)
+    assert m.push("", final=True) == ("EN", False)
+    assert StopMatcher().push("anything") == ("anything", False)

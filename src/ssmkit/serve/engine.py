@@ -34,6 +34,7 @@ import itertools
 import queue
 import sys
 import threading
+import time
 import traceback
 from collections import deque
 from collections.abc import Callable
@@ -216,6 +217,7 @@ class Engine:
                 try:
                     self._take_inbox(waiting, block=not active and not waiting)
                     cache = self._step(waiting, active, cache)
+                    time.sleep(0)  # let the HTTP thread take the GIL and send what this step produced
                 except Exception:  # a bug: end the streams it hit, keep serving the next ones
                     traceback.print_exc(file=sys.stderr)
                     for s in [*active, *waiting]:
