@@ -8,9 +8,11 @@ def add_parser(sub) -> None:
         "kernels",
         help="build the fused C++ kernels ahead of time / show their status",
         description="ssmkit's fused C++ kernels (the selective scan and the causal conv1d) are compiled "
-        "once per machine and source version into the cache (SSMKIT_CACHE_DIR, default "
-        "~/.cache/ssmkit/kernels). `build` compiles them now (a minute or two), `status` says for each "
-        "whether it is built, where, its cache key and the CPU's ISA flags the build is for.",
+        "once per machine and source version into <cache>/kernels (cache: SSMKIT_CACHE_DIR, default "
+        "~/.cache/ssmkit). `build` compiles them now (a minute or two), `status` says for each "
+        "whether it is built, where, its cache key and the CPU's ISA flags the build is for. "
+        "Environment: SSMKIT_KERNEL_WAIT (seconds to wait for another "
+        "process's build, default 900), SSMKIT_NO_CPU_EXT=1 (never use the C++ kernels), CXX (compiler).",
     )
     ksub = p.add_subparsers(dest="kernels_command", metavar="ACTION", required=True)
     b = ksub.add_parser("build", help="compile every kernel not yet built for this machine")

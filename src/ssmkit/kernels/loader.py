@@ -22,8 +22,8 @@ A load is three steps:
     2. else take the lock, waiting at most ``SSMKIT_KERNEL_WAIT`` seconds (default 900) — when another live
        process is building, it is said once on stderr; a lock whose holder died is free at once;
     3. under the lock, look again (the other process may have finished), else compile in a private
-       temporary folder (saying on stderr what and roughly how long, then the elapsed time) and rename the
-       module file into place.
+       temporary folder (saying on stderr what and roughly how long, then the elapsed time) and rename that
+       folder into place.
 Any failure (no compiler, the wait ran out, a compile error) is a one-line reason; the caller falls back
 to pure PyTorch with one warning (:func:`warn_fallback`). Nothing here raises for a missing build.
 

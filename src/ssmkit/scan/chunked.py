@@ -257,7 +257,9 @@ def selective_scan_chunked(
         y = y + D.to(acc)[None, :, None] * u_
     if z is not None:
         y = y * F.silu(z.to(acc))
-    if not (torch.isfinite(y.sum()) and torch.isfinite(state.sum())):
+    with torch.no_grad():
+        finite = bool(torch.isfinite(y.sum()) and torch.isfinite(state.sum()))
+    if not finite:
         # NaN/inf somewhere: the blocked order (carry pass, checkpointed backward) can meet +inf and -inf
         # where the sequential loop does not, so such a call is answered by the reference loop, whose NaN
         # and ±inf — forward and backward — are the contract. Finite calls pay two sums.

@@ -89,39 +89,43 @@ def ssd_chunked(
     g, n = B.shape[2], B.shape[3]
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     L = min(chunk_size, l)
-    c = -(-l // L)  # number of chunks
-    pad = c * L - l
+    if chunks_per_block is None:  # enough chunks that a block's (L, L) and state tensors fill ~2 MiB
+        chunks_per_block = max(1, BLOCK_ELEMENTS // (b * h * (L * L + p * n)))
+    span = chunks_per_block * L  # positions per block
 
     dtf = dt.to(acc)  # (b, l, h)
     a = dtf * A.to(acc)  # (b, l, h)
     if seq_idx is not None:
         starts = F.pad(seq_idx[:, 1:] != seq_idx[:, :-1], (1, 0))  # (b, l) True where a new sequence starts
         a = a.masked_fill(starts[..., None], -torch.inf)  # (b, l, h)
-    X = x.to(acc) * dtf[..., None]  # (b, l, h, p)
-    B, C = B.to(acc), C.to(acc)  # (b, l, g, n)
-    if pad:
-        a = F.pad(a, (0, 0, 0, pad))  # (b, c·L, h)
-        X = F.pad(X, (0, 0, 0, 0, 0, pad))  # (b, c·L, h, p)
-        B = F.pad(B, (0, 0, 0, 0, 0, pad))
-        C = F.pad(C, (0, 0, 0, 0, 0, pad))
-    # Two layouts: "natural" (b, c, L, h, ·) — x's own, used for the chunk states and the output — and
-    # "head-major" (b, h, c, L, ·) for the (L, L) blocks. Views wherever BLAS can read them in place.
-    a_h = a.view(b, c, L, h).permute(0, 3, 1, 2)  # (b, h, c, L) view
-    Xc = X.view(b, c, L, h, p)  # (b, c, L, h, p)
-    Bc = B.view(b, c, L, g, n).transpose(2, 3)  # (b, c, g, L, n) view
-    Cc = C.view(b, c, L, g, n).transpose(2, 3)  # (b, c, g, L, n) view
     state = None if initial_states is None else initial_states.to(acc)  # (b, h, p, n)
-    if chunks_per_block is None:  # enough chunks that a block's (L, L) and state tensors fill ~2 MiB
-        chunks_per_block = max(1, BLOCK_ELEMENTS // (b * h * (L * L + p * n)))
-    k = min(chunks_per_block, c)
-    # split, not indexing: under autograd each slice would cost a zero-filled full-size gradient
-    parts = zip(a_h.split(k, dim=2), Xc.split(k, dim=1), Bc.split(k, dim=1), Cc.split(k, dim=1))
+    # Everything of length l is cut into blocks here (split, not indexing: under autograd each slice would
+    # cost a zero-filled full-size gradient), so only the output is ever materialised for the whole sequence.
+    pieces = [t.split(span, dim=1) for t in (x, dtf, a, B, C)]
+    zs = z.split(span, dim=1) if z is not None else [None] * len(pieces[0])
     ys = []
-    for a_k, X_k, B_k, C_k in parts:
-        y_k, state = _chunks(a_k, X_k, B_k, C_k, state)  # (b, k, L, h, p), (b, h, p, n)
-        ys.append(y_k)
-    y = torch.cat(ys, dim=1).view(b, c * L, h, p)[:, :l] if len(ys) > 1 else ys[0].view(b, c * L, h, p)[:, :l]
-    return _finish(y, x, D, z, acc), state
+    for x_k, dt_k, a_k, B_k, C_k, z_k in zip(*pieces, zs):
+        m = x_k.shape[1]  # positions in this block
+        c = -(-m // L)  # its chunks
+        pad = c * L - m  # only the last block can be short: padded with Δ = 0 steps
+        X_k = x_k.to(acc) * dt_k[..., None]  # (b, m, h, p)
+        B_k, C_k = B_k.to(acc), C_k.to(acc)  # (b, m, g, n)
+        if pad:
+            a_k = F.pad(a_k, (0, 0, 0, pad))  # (b, c·L, h)
+            X_k = F.pad(X_k, (0, 0, 0, 0, 0, pad))  # (b, c·L, h, p)
+            B_k = F.pad(B_k, (0, 0, 0, 0, 0, pad))
+            C_k = F.pad(C_k, (0, 0, 0, 0, 0, pad))
+        # Two layouts: "natural" (b, c, L, h, ·) — x's own, used for the chunk states and the output — and
+        # "head-major" (b, h, c, L, ·) for the (L, L) blocks. Views wherever BLAS can read them in place.
+        y_k, state = _chunks(
+            a_k.view(b, c, L, h).permute(0, 3, 1, 2),  # (b, h, c, L) view
+            X_k.view(b, c, L, h, p),  # (b, c, L, h, p)
+            B_k.view(b, c, L, g, n).transpose(2, 3),  # (b, c, g, L, n) view
+            C_k.view(b, c, L, g, n).transpose(2, 3),  # (b, c, g, L, n) view
+            state,
+        )  # (b, c, L, h, p), (b, h, p, n)
+        ys.append(_finish(y_k.reshape(b, c * L, h, p)[:, :m], x_k, D, z_k, acc))  # (b, m, h, p)
+    return (torch.cat(ys, dim=1) if len(ys) > 1 else ys[0]), state
 
 
 def _chunks(a_h: Tensor, Xc: Tensor, Bc: Tensor, Cc: Tensor, state: Tensor | None) -> tuple[Tensor, Tensor]:
