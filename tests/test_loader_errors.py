@@ -79,6 +79,32 @@ def test_truncated_transformer_weights_name_the_file(tmp_path):
         load_model(tmp_path)
 
 
+def test_transformer_folder_errors_with_shards_and_dtypes(tmp_path):
+    """A TransformerLM folder: an index naming a missing shard, no weights at all, and a config dtype that
+    is not a model dtype are each one line naming the file."""
+    torch.manual_seed(0)
+    TransformerLM(TransformerConfig(d_model=16, n_layer=1, vocab_size=32, n_head=2)).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "dtype": "int4"}))
+    one_line_error_any(ValueError, tmp_path, "config.json: dtype must be one of", "'int4'")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "model.safetensors").unlink()
+    one_line_error_any(FileNotFoundError, tmp_path, "model.safetensors not found")
+    index = {"weight_map": {"embedding.weight": "model-00001-of-00002.safetensors"}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    one_line_error_any(FileNotFoundError, tmp_path, "lists shard 'model-00001-of-00002.safetensors'")
+
+
+def one_line_error_any(exc_type, path, *fragments):
+    """``load_model(path)`` and ``TransformerLM.from_pretrained(path)`` raise ``exc_type``, one line with
+    every fragment."""
+    for load in (TransformerLM.from_pretrained, load_model):
+        with pytest.raises(exc_type) as err:
+            load(path)
+        msg = str(err.value)
+        assert "\n" not in msg and all(f in msg for f in fragments), msg
+
+
 @pytest.mark.parametrize(
     "content,fragment",
     [
