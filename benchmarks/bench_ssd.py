@@ -16,6 +16,7 @@ states, the state-to-output products; 2 flops per multiply-add) over the time, a
 
     python benchmarks/bench_ssd.py                              # l = 512 2048 8192, fwd and fwd+bwd
     python benchmarks/bench_ssd.py --lengths 2048 --repeats 3   # a short check
+    python benchmarks/bench_ssd.py --threads 1 --clock cpu      # steadier on a shared machine
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def useful_gflop(l: int, chunk: int) -> float:
     return 2 * (l * L * N * G + l * L * H * P + 2 * l * H * P * N) / 1e9
 
 
-def time_call(fn, kw: dict, chunk: int, backward: bool, repeats: int) -> float:
+def time_call(fn, kw: dict, chunk: int, backward: bool, repeats: int, clock) -> float:
     def once():
         y = fn(kw, chunk)
         if backward:
@@ -103,23 +104,23 @@ def time_call(fn, kw: dict, chunk: int, backward: bool, repeats: int) -> float:
     once()  # warm-up
     times = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = clock()
         once()
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
     return statistics.median(times)
 
 
-def gemm_gflops() -> float:
+def gemm_gflops(clock) -> float:
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     a @ b
-    best = min(_timed(lambda: a @ b) for _ in range(5))
+    best = min(_timed(lambda: a @ b, clock) for _ in range(5))
     return 2 * 2048**3 / best / 1e9
 
 
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
+def _timed(fn, clock) -> float:
+    t0 = clock()
     fn()
-    return time.perf_counter() - t0
+    return clock() - t0
 
 
 def cpu_model() -> str:
@@ -140,12 +141,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
+    parser.add_argument(
+        "--clock", choices=["wall", "cpu"], default="wall",
+        help="wall time, or process CPU time (summed over threads; steadier on a shared machine)",
+    )  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
     print(f"CPU: {cpu_model()}; torch {torch.__version__}; {args.threads} threads; load average "
           f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}")  # fmt: skip
-    rate = gemm_gflops()
-    print(f"GEMM: float32 2048³ matmul {rate:.1f} GFLOP/s")
+    rate = gemm_gflops(clock)
+    print(f"GEMM: float32 2048³ matmul {rate:.1f} GFLOP/s ({args.clock} clock)")
     print(f"shape: b=1 h={H} p={P} n={N} g={G}, float32, softplus(dt + dt_bias), D; median of {args.repeats}")
     impls = [(f"ours (chunk {c})", run_ours, c) for c in args.chunks]
     impls += [
@@ -163,7 +169,7 @@ def main() -> None:
             kw = make_inputs(l, requires_grad=backward)
             first = None
             for name, fn, chunk in impls:
-                t = time_call(fn, kw, chunk, backward, args.repeats)
+                t = time_call(fn, kw, chunk, backward, args.repeats, clock)
                 first = first or t
                 flop = useful_gflop(l, chunk) * (3 if backward else 1)  # backward ≈ twice the forward GEMMs
                 share, rel = 100 * flop / t / rate, t / first
