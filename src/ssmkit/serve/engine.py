@@ -38,7 +38,7 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -109,7 +109,7 @@ class Stream:
     last_token: int = 0
     cache: Cache | None = None  # its own cache while prefilling; None once in the batch
     cancelled: bool = False
-    done: bool = field(default=False)
+    done: bool = False
 
 
 class Engine:
