@@ -19,6 +19,7 @@ if _TESTS_DIR not in sys.path:
 
 def pytest_sessionstart(session) -> None:
     from ssmkit import kernels
+    from ssmkit.cli.kernels import extensions
 
-    for ext in kernels.EXTENSIONS:
+    for ext in extensions():  # the scan, the conv and the engine's decode step
         kernels.load(ext)  # never raises; a failure is the reason the fallback warning will give
