@@ -439,3 +439,15 @@ def test_chunked_blocks_match_reference(case, chunks_per_block):
     torch.testing.assert_close(f.detach(), f_ref, rtol=1e-10, atol=1e-10)
     for name, v in leaves(kw).items():
         torch.testing.assert_close(v.grad, g_ref[name], rtol=1e-9, atol=1e-9, msg=f"grad of {name}")
+
+
+@pytest.mark.parametrize("shape", [(0, 2, 3, 1, 4), (2, 0, 3, 1, 4), (2, 2, 0, 1, 4), (2, 2, 3, 1, 0)])
+def test_step_empty_sizes(shape):
+    b, h, p, g, n = shape
+    state, x, D = torch.randn(b, h, p, n), torch.randn(b, h, p), torch.randn(h)
+    y, new = ssd_step(
+        state, x, torch.rand(b, h), -torch.rand(h), torch.randn(b, g, n), torch.randn(b, g, n), D=D
+    )
+    assert y.shape == (b, h, p) and new.shape == (b, h, p, n)
+    if n == 0:
+        torch.testing.assert_close(y, x * D[:, None])
