@@ -526,3 +526,12 @@ def test_stop_matcher_holds_back_possible_starts_only():
     assert m.push("aEN") == ("a", False)
     assert m.push("", final=True) == ("EN", False)
     assert StopMatcher().push("anything") == ("anything", False)
+
+
+def test_cli_checks_flags_before_loading(tmp_path, capsys):
+    from ssmkit.cli import main
+
+    assert main(["serve", str(tmp_path), "--max-batch", "8", "--max-streams", "4"]) == 1
+    assert capsys.readouterr().err == "error: --max-streams (4) must be >= --max-batch (8)\n"
+    assert main(["serve", str(tmp_path / "missing")]) == 1
+    assert "MODEL_DIR" in capsys.readouterr().err

@@ -66,6 +66,8 @@ def add_parser(sub) -> None:
 
 
 def _run(args) -> int:
+    if args.max_streams < args.max_batch:
+        raise ValueError(f"--max-streams ({args.max_streams}) must be >= --max-batch ({args.max_batch})")
     try:
         from ssmkit.serve.server import ServeConfig, run
     except ImportError as err:

@@ -273,10 +273,10 @@ class Engine:
             if not self._accept(s, token):
                 joining.append(s)
         if joining:
+            active.extend(joining)  # first, so that a failure below still ends them
             cache = Cache.cat(([cache] if cache is not None else []) + [s.cache for s in joining])
             for s in joining:
                 s.cache = None
-            active.extend(joining)
 
         if not active or cache is None:
             return cache
