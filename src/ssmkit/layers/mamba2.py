@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ssmkit.layers.mamba import conv1d_silu, inverse_softplus
+from ssmkit.layers.mamba import _at_least_f32, conv1d_silu, inverse_softplus
 from ssmkit.scan.ssd import DEFAULT_DT_LIMIT, ssd, ssd_step
 
 
@@ -58,10 +58,6 @@ class Mamba2State:
 
     conv_state: Tensor
     ssm_state: Tensor
-
-
-def _at_least_f32(t: Tensor) -> Tensor:
-    return t if t.dtype == torch.float64 else t.float()
 
 
 def gated_rms_norm(
