@@ -39,10 +39,22 @@ static inline vf loadf(const float* p) {
   return v;
 }
 static inline void storef(float* p, vf v) { __builtin_memcpy(p, &v, sizeof v); }
-static inline float hsum(vf v) {
-  float s = 0.0f;
-  for (int i = 0; i < VW; ++i) s += v[i];
-  return s;
+typedef float vf8 __attribute__((vector_size(8 * sizeof(float))));
+typedef float vf4 __attribute__((vector_size(4 * sizeof(float))));
+static inline float hsum4(vf4 v) {  // a tree: ((v0 + v2) + (v1 + v3))
+  const vf4 a = v + __builtin_shufflevector(v, v, 2, 3, 0, 1);
+  return a[0] + a[1];
+}
+static inline float hsum(vf v) {  // halves added as vectors, then 4 lanes as a tree
+#if SSMKIT_VW == 16
+  const vf8 h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  return hsum4(__builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7));
+#elif SSMKIT_VW == 8
+  return hsum4(__builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7));
+#else
+  return hsum4(v);
+#endif
 }
 
 // ---- weights: VW consecutive weights as floats, and one weight as a float --------------------------------
@@ -156,6 +168,21 @@ static inline void dot_tile(const T* W, int64_t ldw, int64_t K, const float* X, 
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < NB; ++j) acc[r][j] = splat(0.0f);
   int64_t k = 0;
+  if constexpr (std::is_same<T, uint16_t>::value) {
+    // bf16 in pairs: one load of 2·VW weights as VW 32-bit lanes, lane i = (w[2i+1] << 16) | w[2i], gives
+    // the even weights as `lane << 16` and the odd ones as `lane & 0xffff0000` (one integer op each); X
+    // was deinterleaved to match by the caller (bf16_pairs_x): [x0 x2 … | x1 x3 …] per block of 2·VW.
+    for (; k + 2 * VW <= K; k += 2 * VW) {
+      vf xe[NB], xo[NB];
+      for (int j = 0; j < NB; ++j) xe[j] = loadf(X + j * ldx + k), xo[j] = loadf(X + j * ldx + k + VW);
+      for (int r = 0; r < R; ++r) {
+        vu u;
+        __builtin_memcpy(&u, W + r * ldw + k, sizeof u);
+        const vf we = (vf)(u << 16), wo = (vf)(u & 0xffff0000u);
+        for (int j = 0; j < NB; ++j) acc[r][j] += we * xe[j] + wo * xo[j];
+      }
+    }
+  }
   for (; k + VW <= K; k += VW) {
     vf xv[NB];
     for (int j = 0; j < NB; ++j) xv[j] = loadf(X + j * ldx + k);
@@ -172,10 +199,10 @@ static inline void dot_tile(const T* W, int64_t ldw, int64_t K, const float* X, 
     }
 }
 
-// Rows [o0, o0 + R) for every batch row: epi(o, j, Σ_k W[o, k] X[j, k] · scale[o]).
+// Rows [o0, o0 + R) (starting at Wr) for every batch row: epi(o, j, Σ_k W[o, k] X[j, k] · scale[o]).
 template <int R, class T, class Epi>
-static inline void rows_all_batch(const T* W, const float* scale, int64_t K, int64_t o0, const float* X,
-                                  int64_t nb, const Epi& epi) {
+static inline void rows_tiles(const T* Wr, const float* scale, int64_t K, int64_t o0, const float* X,
+                              int64_t nb, const Epi& epi) {
   int64_t j0 = 0;
   auto emit = [&](auto& out, int nbt) {
     for (int r = 0; r < R; ++r) {
@@ -185,25 +212,25 @@ static inline void rows_all_batch(const T* W, const float* scale, int64_t K, int
   };
   for (; j0 + BT <= nb; j0 += BT) {
     float out[R][BT];
-    dot_tile<R, BT>(W + o0 * K, K, K, X + j0 * K, K, out);
+    dot_tile<R, BT>(Wr, K, K, X + j0 * K, K, out);
     emit(out, BT);
   }
   switch (nb - j0) {
     case 3: {
       float out[R][3];
-      dot_tile<R, 3>(W + o0 * K, K, K, X + j0 * K, K, out);
+      dot_tile<R, 3>(Wr, K, K, X + j0 * K, K, out);
       emit(out, 3);
       break;
     }
     case 2: {
       float out[R][2];
-      dot_tile<R, 2>(W + o0 * K, K, K, X + j0 * K, K, out);
+      dot_tile<R, 2>(Wr, K, K, X + j0 * K, K, out);
       emit(out, 2);
       break;
     }
     case 1: {
       float out[R][1];
-      dot_tile<R, 1>(W + o0 * K, K, K, X + j0 * K, K, out);
+      dot_tile<R, 1>(Wr, K, K, X + j0 * K, K, out);
       emit(out, 1);
       break;
     }
@@ -212,11 +239,54 @@ static inline void rows_all_batch(const T* W, const float* scale, int64_t K, int
   }
 }
 
+// As rows_tiles from W's rows o0.. . With more batch rows than one tile holds, bf16 / int8 rows are first
+// widened once into a per-thread float32 buffer (in L1/L2), so each weight is converted once, not once per
+// batch tile; the products are the same (widening is exact).
+template <int R, class T, class Epi>
+static inline void rows_all_batch(const T* W, const float* scale, int64_t K, int64_t o0, const float* X,
+                                  int64_t nb, const Epi& epi) {
+  if constexpr (!std::is_same<T, float>::value) {
+    if (nb > BT) {
+      thread_local std::vector<float> buf;
+      if ((int64_t)buf.size() < R * K) buf.resize(R * K);
+      for (int r = 0; r < R; ++r) {
+        const T* src = W + (o0 + r) * K;
+        float* dst = buf.data() + r * K;
+        int64_t k = 0;
+        for (; k + VW <= K; k += VW) storef(dst + k, loadw(src + k));
+        for (; k < K; ++k) dst[k] = w1(src + k);
+      }
+      rows_tiles<R>(static_cast<const float*>(buf.data()), scale, K, o0, X, nb, epi);
+      return;
+    }
+  }
+  rows_tiles<R>(W + o0 * K, scale, K, o0, X, nb, epi);
+}
+
 // Y = W X for W (O, K) row-major and X (nb, K) row-major, every (o, j) handed to epi; parallel over rows
 // (work items of a few tiles taken from a shared counter, so a thread slowed by a neighbour does less).
+// X (nb, K) with each whole block of 2·VW columns deinterleaved (evens, then odds), the tail as it was.
+static std::vector<float> bf16_pairs_x(const float* X, int64_t nb, int64_t K) {
+  std::vector<float> out(X, X + nb * K);
+  for (int64_t j = 0; j < nb; ++j)
+    for (int64_t k = 0; k + 2 * VW <= K; k += 2 * VW)
+      for (int i = 0; i < VW; ++i) {
+        out[j * K + k + i] = X[j * K + k + 2 * i];
+        out[j * K + k + VW + i] = X[j * K + k + 2 * i + 1];
+      }
+  return out;
+}
+
 template <class T, class Epi>
 static void matvec(const T* W, const float* scale, int64_t O, int64_t K, const float* X, int64_t nb,
                    const Epi& epi) {
+  std::vector<float> xpairs;
+  if constexpr (std::is_same<T, uint16_t>::value) {
+    if (nb <= BT) {  // more rows go through the widened float32 buffer (rows_all_batch), which reads X as is
+      xpairs = bf16_pairs_x(X, nb, K);
+      X = xpairs.data();
+    }
+  }
   const int64_t tiles = O / RT;
   const int64_t per_item = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, K * RT));  // ~32 Ki weights
   const int64_t items = (tiles + per_item - 1) / per_item;
