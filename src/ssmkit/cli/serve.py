@@ -41,7 +41,7 @@ def add_parser(sub) -> None:
         "--dtype",
         choices=("float32", "bfloat16"),
         default="float32",
-        help="weight dtype; the recurrent state stays float32 (default: float32)",
+        help="weight dtype; the SSM state stays float32 (default: float32)",
     )
     p.add_argument(
         "--threads", type=int_at_least(1), default=None, help="torch.set_num_threads (default: torch's)"

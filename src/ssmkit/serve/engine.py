@@ -149,6 +149,7 @@ class Engine:
             token = torch.zeros(1, 1, dtype=torch.long)  # (1, 1)
             if decode_step(self.model, token, cache) is None:  # builds / loads the fused kernel
                 self.model(token, cache=cache)
+        self.state_bytes_per_stream = cache.nbytes  # as decoding holds it (the fused step keeps it float32)
         self._thread.start()
 
     def submit(self, prompt: list[int], params: SamplingParams, deliver: Callable[[Event], None]) -> Stream:

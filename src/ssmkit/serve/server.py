@@ -32,7 +32,7 @@ class ServeConfig:
     port: int = 8000
     """TCP port (0: any free port; the one chosen is printed)."""
     dtype: str = "float32"
-    """Weight dtype (the recurrent state stays float32)."""
+    """Weight dtype (the SSM state stays float32)."""
     threads: int | None = None
     """torch.set_num_threads (None: torch's default)."""
     max_batch: int = 32
