@@ -193,6 +193,7 @@ def test_revision_branch_and_commit(offline):
 def test_cache_dir_argument_and_local_files_only(hub_home, tmp_path, monkeypatch):
     """cache_dir= wins over the environment; local_files_only=True needs no HF_HUB_OFFLINE."""
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)  # other test modules set it
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty"))
     model = load_model("org/mamba-tiny", cache_dir=hub_home / "hub", local_files_only=True)
@@ -303,6 +304,7 @@ def test_online_fetches_only_the_files_a_model_needs(hub_home, monkeypatch):
     """With the network allowed, the repo's listing decides the files; snapshot_download gets exactly
     those (its own download is replaced here: it returns the cached snapshot)."""
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)  # other test modules set it
     listing = ["config.json", "model.safetensors", "pytorch_model.bin", "README.md"]
     calls = []
     snapshot = hub_home / "hub" / "models--org--mamba-tiny-hf" / "snapshots" / COMMIT_A
@@ -330,6 +332,7 @@ def test_online_fetches_only_the_files_a_model_needs(hub_home, monkeypatch):
 
 def test_hub_unreachable_falls_back_to_the_cache(hub_home, monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)  # other test modules set it
 
     def unreachable(self, repo_id, revision=None):
         raise ConnectionError("Name or service not known")
@@ -721,6 +724,7 @@ def hub_error(name: str) -> Exception:
 )
 def test_online_errors_are_one_line(hub_home, monkeypatch, capsys, error, exc_type, fragment):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)  # other test modules set it
 
     def listing(self, repo_id, revision=None):
         raise hub_error(error)
@@ -735,6 +739,7 @@ def test_online_errors_are_one_line(hub_home, monkeypatch, capsys, error, exc_ty
 
 def test_online_repo_without_a_config_is_one_line(hub_home, monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)  # other test modules set it
     monkeypatch.setattr(
         huggingface_hub.HfApi,
         "list_repo_files",

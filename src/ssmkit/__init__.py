@@ -10,6 +10,7 @@ Public API (re-exports only; each name is imported on first use so that ``import
     TransformerConfig, TransformerLM                its Transformer baseline
     SequenceModelConfig, SequenceModel              the ablation models (Mamba paper, Table 1 / 11)
     Cache, generate                                 the one state protocol; decoding
+    load_model                                      any model folder or Hub id, by its model type
 """
 
 from importlib import import_module
@@ -33,6 +34,7 @@ _EXPORTS = {
     "SequenceModelConfig": "ssmkit.models.sequence",
     "SequenceModel": "ssmkit.models.sequence",
     "Cache": "ssmkit.models.cache",
+    "load_model": "ssmkit.models.load",
     "generate": "ssmkit.generate",
     "param_groups": "ssmkit.train.optim",
 }

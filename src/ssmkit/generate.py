@@ -162,7 +162,7 @@ def generate(
     model,
     input_ids: Tensor | list,
     max_new_tokens: int,
-    temperature: float = 1.0,
+    temperature: float = 0.0,
     top_k: int = 0,
     top_p: float = 1.0,
     min_p: float = 0.0,
@@ -180,7 +180,9 @@ def generate(
             (each a list of ids or a 1-D tensor): each is prefilled on its own tokens, then all are
             decoded together, and a row that emits ``eos_token_id`` leaves the batch at once.
         max_new_tokens: number of tokens to add (fewer if every row emits ``eos_token_id``).
-        temperature, top_k, top_p, min_p, repetition_penalty: see the module docstring.
+        temperature, top_k, top_p, min_p, repetition_penalty: see the module docstring; temperature
+            defaults to 0 — greedy, as transformers (do_sample=False) and mamba-ssm (top_k=1) decode by
+            default, so ``model.generate(ids, n)`` is reproducible; give a temperature > 0 to sample.
         eos_token_id: the token that ends a row (a tensor batch keeps emitting it in finished rows).
         generator: torch.Generator for the draws (seed it for reproducible output); for a list of prompts
             also a list with one generator per prompt, so that each row's text is what it would be alone.
