@@ -162,7 +162,8 @@ def _chunks(a_h: Tensor, Xc: Tensor, Bc: Tensor, Cc: Tensor, state: Tensor | Non
     for local_k, decay_k in zip(local.unbind(1), chunk_decay[..., None, None].unbind(2)):
         start_states.append(state)
         state = torch.addcmul(local_k, state, decay_k)  # (b, h, p, n)
-    S = torch.stack(start_states, dim=1).view(b, c, g, r * p, n)  # (b, c, g, r·p, n)
+    S = start_states[0][:, None] if c == 1 else torch.stack(start_states, dim=1)  # (b, c, h, p, n)
+    S = S.view(b, c, g, r * p, n)  # (b, c, g, r·p, n)
 
     # 4. state -> output: the off-diagonal blocks, C_t · S[k] decayed from the chunk start to t.
     Y_off = (Cc @ S.transpose(-1, -2)).view(b, c, g, L, r, p).transpose(2, 3)  # (b, c, L, g, r, p)
