@@ -451,3 +451,22 @@ def test_step_empty_sizes(shape):
     assert y.shape == (b, h, p) and new.shape == (b, h, p, n)
     if n == 0:
         torch.testing.assert_close(y, x * D[:, None])
+
+
+@pytest.mark.parametrize("backend", ["chunked", "reference"])
+def test_bf16_autocast_keeps_float32_math(backend):
+    """Under bf16 autocast (bf16 training) the matmuls inside must not drop to bf16."""
+    kw = make(Case(b=2, l=3 * CHUNK + 5, h=3, p=8, n=16, g=1, D="h", init=True), dtype=torch.float32)
+    with torch.no_grad():
+        y, f = ssd(**kw, chunk_size=CHUNK, return_final_states=True, backend=backend)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y_ac, f_ac = ssd(**kw, chunk_size=CHUNK, return_final_states=True, backend=backend)
+            state = kw["initial_states"]
+            x, dt, B, C = (kw[k][:, 0] for k in ("x", "dt", "B", "C"))
+            ys, news = ssd_step(state, x, dt, kw["A"], B, C, D=kw["D"])
+        ys_ref, news_ref = ssd_step(state, x, dt, kw["A"], B, C, D=kw["D"])
+    assert y_ac.dtype == torch.float32 and f_ac.dtype == torch.float32
+    torch.testing.assert_close(y_ac, y, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(f_ac, f, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ys, ys_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(news, news_ref, rtol=1e-6, atol=1e-6)

@@ -36,6 +36,7 @@ imports and the call is not float64.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -143,6 +144,14 @@ def process_dt(
     return dt
 
 
+def _float32_math(x: Tensor):
+    """A context without autocast on x's device: under ``torch.autocast(bfloat16)`` (bf16 training) the
+    matmuls here would otherwise run in bf16, and the state and accumulation must stay float32."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.autocast(x.device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 @functools.cache
 def _mamba_ssm_ssd():
     """mamba-ssm's Triton ``mamba_chunk_scan_combined`` when the package imports, else None."""
@@ -218,10 +227,11 @@ def ssd(
         )  # fmt: skip
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     delta = process_dt(dt, dt_bias, dt_softplus, dt_limit, acc)  # (b, l, h)
-    if name == "reference":
-        y, final = ssd_reference(x, delta, A, B, C, D, z, initial_states, seq_idx)
-    else:
-        y, final = ssd_chunked(x, delta, A, B, C, chunk_size, D, z, initial_states, seq_idx)
+    with _float32_math(x):
+        if name == "reference":
+            y, final = ssd_reference(x, delta, A, B, C, D, z, initial_states, seq_idx)
+        else:
+            y, final = ssd_chunked(x, delta, A, B, C, chunk_size, D, z, initial_states, seq_idx)
     return (y, final) if return_final_states else y
 
 
@@ -266,6 +276,14 @@ def ssd_step(
     _check_D(D, h, p, x)
     _check("z", z, (b, h, p), "(b, h, p)", x)
     _check("dt_bias", dt_bias, (h,), "(h,)", x)
+    with _float32_math(x):
+        return _step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, g)
+
+
+def _step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, g) -> tuple[Tensor, Tensor]:
+    """``ssd_step`` after validation. Shapes as there."""
+    b, h, p = x.shape
+    n = B.shape[-1]
     acc = torch.float64 if torch.float64 in (x.dtype, state.dtype) else torch.float32
     r = h // g
     delta = process_dt(dt, dt_bias, dt_softplus, dt_limit, acc)  # (b, h)
