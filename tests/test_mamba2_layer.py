@@ -298,3 +298,19 @@ def test_bfloat16_layer_keeps_a_float32_state():
                          layer(u[:, 10:].bfloat16(), state)], dim=1)  # fmt: skip
     assert y16.dtype == torch.bfloat16 and state.ssm_state.dtype == torch.float32
     assert (y16.float() - y32).norm() <= 2e-2 * y32.norm()
+
+
+def test_bf16_autocast_training_step():
+    """bf16 autocast (``ssmkit train --bf16``): float32 weights, a close output, finite gradients."""
+    torch.manual_seed(0)
+    layer = Mamba2(32, d_state=16, headdim=8, ngroups=2, chunk_size=8)
+    perturb(layer, seed=11)
+    u = torch.randn(2, 21, 32)
+    with torch.no_grad():
+        y32 = layer(u)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(u)
+    y.float().square().mean().backward()
+    assert (y.float() - y32).norm() <= 3e-2 * y32.norm()
+    for name, p in layer.named_parameters():
+        assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), name
