@@ -470,3 +470,16 @@ def test_bf16_autocast_keeps_float32_math(backend):
     torch.testing.assert_close(f_ac, f, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(ys, ys_ref, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(news, news_ref, rtol=1e-6, atol=1e-6)
+
+
+def test_auto_backend_on_cuda(monkeypatch):
+    """auto on CUDA: mamba-ssm's kernel when it imports (not for float64), else chunked with one warning."""
+    monkeypatch.setattr(ssd_module, "_warned", [])
+    monkeypatch.setattr(ssd_module, "_mamba_ssm_ssd", lambda: None)
+    with pytest.warns(RuntimeWarning, match="mamba_ssm is not installed"):
+        assert ssd_module._auto_backend("cuda", torch.float32) == "chunked"
+    assert ssd_module._auto_backend("cuda", torch.bfloat16) == "chunked"  # warned once only
+    monkeypatch.setattr(ssd_module, "_mamba_ssm_ssd", lambda: object())
+    assert ssd_module._auto_backend("cuda", torch.bfloat16) == "mamba_ssm"
+    assert ssd_module._auto_backend("cuda", torch.float64) == "chunked"
+    assert ssd_module._auto_backend("cpu", torch.float32) == "chunked"

@@ -31,7 +31,7 @@ Backends (all compute the same thing; ``reference`` is the slow twin the others 
     chunked     ``scan/ssd_chunked.py``: the SSD block decomposition in batched matmuls, any device.
     mamba_ssm   (``auto`` on CUDA only) mamba-ssm's Triton ``mamba_chunk_scan_combined`` when installed.
 ``backend="auto"`` (overridden by ``$SSMKIT_SSD_BACKEND``): ``chunked``, except on CUDA when mamba-ssm
-imports and the call is not float64.
+imports and the call is not float64 (without mamba-ssm on CUDA: ``chunked``, with one warning per process).
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ import contextlib
 import functools
 import math
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +52,8 @@ from ssmkit.scan.ssd_reference import ssd_reference
 BACKENDS = ("auto", "reference", "chunked")
 ENV_VAR = "SSMKIT_SSD_BACKEND"
 DEFAULT_DT_LIMIT = (0.0, math.inf)
+
+_warned: list = []  # non-empty once the "no mamba-ssm on CUDA" warning was given in this process
 
 
 def _shape(t) -> object:
@@ -174,11 +177,25 @@ def resolve_backend(backend: str, x: Tensor) -> str:
         backend = os.environ.get(ENV_VAR, "") or "auto"
         if backend not in BACKENDS:
             raise ValueError(f"environment variable {ENV_VAR} must be one of {BACKENDS}, got {backend!r}")
-    if backend != "auto":
-        return backend
-    if x.device.type == "cuda" and x.dtype != torch.float64 and _mamba_ssm_ssd() is not None:
-        return "mamba_ssm"
-    return "chunked"
+    return backend if backend != "auto" else _auto_backend(x.device.type, x.dtype)
+
+
+def _auto_backend(device_type: str, dtype: torch.dtype) -> str:
+    """``auto``'s choice: mamba-ssm's kernel for CUDA (not float64) when it imports — one warning per process
+    when it does not — else ``chunked``."""
+    if device_type != "cuda" or dtype == torch.float64:
+        return "chunked"
+    if _mamba_ssm_ssd() is None:
+        if not _warned:
+            _warned.append(True)
+            warnings.warn(
+                "ssmkit.ssd: mamba_ssm is not installed; using the pure-PyTorch 'chunked' backend on CUDA "
+                "(install mamba-ssm for its Triton kernel).",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        return "chunked"
+    return "mamba_ssm"
 
 
 def ssd(
