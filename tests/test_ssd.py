@@ -483,3 +483,17 @@ def test_auto_backend_on_cuda(monkeypatch):
     assert ssd_module._auto_backend("cuda", torch.bfloat16) == "mamba_ssm"
     assert ssd_module._auto_backend("cuda", torch.float64) == "chunked"
     assert ssd_module._auto_backend("cpu", torch.float32) == "chunked"
+
+
+def test_chunked_gradcheck_float64():
+    """Finite differences on every input and both outputs (several chunks, padding, seq_idx, groups)."""
+    kw = make(Case(b=1, l=7, h=2, p=2, n=3, g=2, D="h", z=True, dt_bias=True, softplus=True, init=True))
+    kw["seq_idx"] = torch.tensor([[0, 0, 0, 1, 1, 1, 1]])
+    names = list(leaves(kw))
+
+    def fn(*tensors):
+        return ssd(
+            **{**kw, **dict(zip(names, tensors))}, chunk_size=3, return_final_states=True, backend="chunked"
+        )
+
+    assert torch.autograd.gradcheck(fn, [kw[k] for k in names])
