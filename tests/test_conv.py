@@ -242,3 +242,17 @@ def test_empty_batch_or_channels_give_empty_results(shape):
     assert y.shape == shape
     gx, gw = torch.autograd.grad(y.sum(), (x, w), allow_unused=True)
     assert gx.shape == shape and gw.shape == (shape[1], 4) and torch.count_nonzero(gw) == 0
+
+
+def test_a_one_token_transposed_view_goes_through_the_kernel():
+    """A (1, d, 1) view of a (1, 1, d) tensor has a non-unit time stride that .contiguous() keeps; the
+    kernel must still read it right (the Mamba-2 mixer's one-token decode at batch 1 passes one)."""
+    torch.manual_seed(5)
+    x = torch.randn(1, 1, 6).transpose(1, 2)  # (1, 6, 1), stride (6, 1, 6)
+    w, hist = torch.randn(6, 4), torch.randn(1, 6, 3)
+    torch.testing.assert_close(
+        causal_conv1d_silu(x, w, None, hist),
+        causal_conv1d_silu_reference(x, w, None, hist),
+        rtol=1e-6,
+        atol=1e-6,
+    )

@@ -77,8 +77,8 @@ class _CausalConv1dSiLUCPU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, history: Tensor | None):
-        if x.stride(2) != 1:
-            x = x.contiguous()  # (b, d, l)
+        if x.stride(2) != 1:  # unit time stride (.contiguous() would keep a (1, d, 1) view as it is)
+            x = x.clone(memory_format=torch.contiguous_format)  # (b, d, l)
         weight = weight.contiguous()  # (d, K)
         empty = x.new_empty(0)
         bias_ = empty if bias is None else bias.contiguous()  # (d,)

@@ -286,8 +286,6 @@ class Mamba2(nn.Module):
 
         conv_state = None if state is None else state.conv_state
         xBC = xBC.transpose(1, 2)  # (b, conv_dim, l) view
-        if xBC.stride(2) != 1:  # unit time stride for the conv kernel (.contiguous() keeps a (1, ·, 1) view)
-            xBC = xBC.clone(memory_format=torch.contiguous_format)  # (b, conv_dim, l)
         xBC, conv_state = conv1d_silu(self.conv1d, xBC, conv_state)  # (b, conv_dim, l)
         xBC = xBC.transpose(1, 2)  # (b, l, conv_dim) view
         x, B, C = torch.split(xBC, [self.d_ssm, g * n, g * n], dim=-1)  # (b, l, ·) views
