@@ -13,6 +13,7 @@ Two servers per module: ``server`` (defaults, with the chat template) and ``limi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -283,22 +284,24 @@ def test_stop_strings(server, reference):
     assert out.choices[0].text == full
 
 
-def test_seed_reproduces_the_text_whatever_the_batch(server, reference):
+def test_seed_reproduces_the_text_whatever_the_batch(server, reference, endless):
     ids = reference[1].encode("Seeded")
     text, _ = expected(reference, ids, 24, seed=1234)
     request = dict(model="tiny-mamba", prompt="Seeded", max_tokens=24, temperature=1.0, seed=1234)
     assert server.client.completions.create(**request).choices[0].text == text
-    # again, while other streams share the decode batch
-    others = [
-        threading.Thread(target=stream_text, args=(server,), kwargs=dict(prompt="busy " * k, max_tokens=60))
-        for k in (1, 2, 3)
-    ]
-    for t in others:
-        t.start()
-    server.wait_for(lambda h: h["streams"] >= 1, "the other streams")
-    assert server.client.completions.create(**request).choices[0].text == text
-    for t in others:
-        t.join(TIMEOUT)
+    # again, while three other (greedy, endless) streams share the decode batch
+    busy = {"model": "tiny-mamba", "prompt": endless, "max_tokens": 10**9, "stream": True, "temperature": 0}
+    with contextlib.ExitStack() as stack:
+        lines = []  # held: a dropped line iterator closes its response
+        for _ in range(3):
+            lines.append(
+                stack.enter_context(server.http.stream("POST", "/v1/completions", json=busy)).iter_lines()
+            )
+            assert next(line for line in lines[-1] if line).startswith("data: ")
+        server.wait_for(lambda h: h["active"] == 3, "the other streams to decode")
+        assert server.client.completions.create(**request).choices[0].text == text
+        assert server.health()["active"] == 3
+    server.wait_for(lambda h: h["streams"] == 0, "the other streams to be dropped")
     other_seed = server.client.completions.create(**{**request, "seed": 99}).choices[0].text
     assert other_seed == expected(reference, ids, 24, seed=99)[0] != text
 

@@ -31,6 +31,10 @@ from ssmkit.serve.protocol import APIError, ParsedRequest, Responder, parse_json
 DISCONNECT_POLL_S = 0.25
 """How often a waiting non-streaming request checks whether its client is still there."""
 
+MAX_BACKLOG = 1024
+"""Text pieces a stream may have waiting for a client that has stopped reading (its connection is full)
+before the stream is cancelled: what waits for a client stays bounded, as its state is."""
+
 
 def build_app(
     engine: Engine,
@@ -110,7 +114,14 @@ def build_app(
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
 
+        submitted = []
+
         def deliver(event: Event) -> None:  # on the engine thread
+            if event.finish_reason is None and event.error is None and events.qsize() >= MAX_BACKLOG:
+                engine.cancel(submitted[0])  # the client stopped reading: bound what waits for it
+                event = Event(
+                    error=f"the client read none of the last {MAX_BACKLOG} pieces; stream cancelled"
+                )
             try:
                 loop.call_soon_threadsafe(events.put_nowait, event)
             except RuntimeError:  # the event loop is closed: the server is gone
@@ -120,6 +131,7 @@ def build_app(
             stream = engine.submit(ids, req.params, deliver)
         except (EngineFull, EngineStopped) as err:
             raise APIError(503, str(err), code="server_overloaded", type="server_error") from None
+        submitted.append(stream)
         responder = Responder(kind, model_name)
         if req.stream:
             body = _stream_events(engine, stream, events, responder, req.include_usage)
