@@ -156,12 +156,6 @@ class Engine:
         """Queue a stream for ``prompt`` (non-empty ids in range); ``deliver`` gets its events."""
         if not prompt:
             raise ValueError("prompt must hold at least one token")
-        with self._lock:
-            if self._stopping.is_set():
-                raise EngineStopped("the server is shutting down")
-            if self._live >= self.max_streams:
-                raise EngineFull(f"the server is at its limit of {self.max_streams} concurrent streams")
-            self._live += 1
         generator = torch.Generator()
         if params.seed is None:
             generator.seed()
@@ -177,7 +171,13 @@ class Engine:
             stops=StopMatcher(params.stop),
             prompt_tokens=len(prompt),
         )
-        self._inbox.put(stream)
+        with self._lock:  # queued before a shutdown begins, or refused: none is left behind
+            if self._stopping.is_set():
+                raise EngineStopped("the server is shutting down")
+            if self._live >= self.max_streams:
+                raise EngineFull(f"the server is at its limit of {self.max_streams} concurrent streams")
+            self._live += 1
+            self._inbox.put(stream)
         return stream
 
     def cancel(self, stream: Stream) -> None:
