@@ -12,6 +12,7 @@ import json
 
 import pytest
 import torch
+from parity import perturb, rel_diff
 
 from ssmkit import MambaConfig, MambaLM
 from ssmkit.models.load import load_model
@@ -36,17 +37,6 @@ CASES = [
 IDS = [c[0] for c in CASES]
 
 
-def _perturb(model, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=g))
-
-
-def _rel(a, b):
-    return float((a - b).abs().max() / b.abs().max())
-
-
 def _greedy_by_full_forwards(model, ids, steps, vocab):
     seq = ids
     with torch.no_grad():
@@ -61,7 +51,7 @@ def _greedy_by_full_forwards(model, ids, steps, vocab):
 def test_ours_to_transformers(name, ours_kwargs, hf_kwargs, tmp_path):
     torch.manual_seed(0)
     ours = MambaLM(MambaConfig(**ours_kwargs)).eval()
-    _perturb(ours, 1)
+    perturb(ours, 1)
     ours.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "falcon_mamba"
     theirs = transformers.FalconMambaForCausalLM.from_pretrained(tmp_path).eval()
@@ -70,7 +60,7 @@ def test_ours_to_transformers(name, ours_kwargs, hf_kwargs, tmp_path):
     ids = torch.randint(0, 96, (2, 13), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         expected = theirs(ids, use_cache=False).logits
-        assert _rel(ours(ids), expected) <= REL_TOL
+        assert rel_diff(ours(ids), expected) <= REL_TOL
     out = ours.generate(ids[:, :4], 8, temperature=0)
     torch.testing.assert_close(out, _greedy_by_full_forwards(theirs, ids[:, :4], 8, 96))
 
@@ -80,18 +70,18 @@ def test_transformers_to_ours(name, ours_kwargs, hf_kwargs, tmp_path):
     torch.manual_seed(3)
     cfg = transformers.FalconMambaConfig(**hf_kwargs, eos_token_id=None, pad_token_id=None, bos_token_id=None)
     theirs = transformers.FalconMambaForCausalLM(cfg).eval()
-    _perturb(theirs, 4)
+    perturb(theirs, 4)
     theirs.save_pretrained(tmp_path)
     ours = load_model(tmp_path).eval()
     assert ours.config.mixer_rms_eps == ours_kwargs["mixer_rms_eps"]
     ids = torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         expected = theirs(ids, use_cache=False).logits
-        assert _rel(ours(ids), expected) <= REL_TOL
+        assert rel_diff(ours(ids), expected) <= REL_TOL
         cache, parts = ours.new_cache(2), []
         for s, e in ((0, 4), (4, 5), (5, 11)):
             parts.append(ours(ids[:, s:e], cache=cache))
-        assert _rel(torch.cat(parts, 1), expected) <= REL_TOL
+        assert rel_diff(torch.cat(parts, 1), expected) <= REL_TOL
 
 
 def test_the_norms_matter_and_mamba_ssm_format_is_refused(tmp_path):

@@ -15,6 +15,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest
 import torch
+from parity import perturb, rel_diff
 
 from ssmkit import MambaLM
 from ssmkit.models.config import Mamba2Config
@@ -51,23 +52,11 @@ CASES = [
 IDS = [c[0] for c in CASES]
 
 
-def _perturb(model: torch.nn.Module, seed: int) -> None:
-    """Move every parameter off its structured init (unit norms, A_log, dt_bias, D = 1) by random noise."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=g))
-
-
-def _rel_diff(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return float((actual - expected).abs().max() / expected.abs().max())
-
-
 def _hf_model(hf_kwargs: dict, seed: int):
     torch.manual_seed(seed)
     cfg = transformers.Mamba2Config(**hf_kwargs, eos_token_id=None, pad_token_id=None, bos_token_id=None)
     model = transformers.Mamba2ForCausalLM(cfg).eval()
-    _perturb(model, seed + 1)
+    perturb(model, seed + 1)
     return model
 
 
@@ -85,7 +74,7 @@ def _hf_greedy_by_full_forwards(model, ids: torch.Tensor, steps: int, vocab: int
 def test_ours_to_transformers(name, ours_kwargs, hf_kwargs, tmp_path):
     torch.manual_seed(0)
     ours = MambaLM(Mamba2Config(**ours_kwargs)).eval()
-    _perturb(ours, 1)
+    perturb(ours, 1)
     ours.save_pretrained(tmp_path)
     theirs = transformers.Mamba2ForCausalLM.from_pretrained(tmp_path).eval()
     for key, value in hf_kwargs.items():  # the saved config reads back as the model we meant
@@ -97,7 +86,7 @@ def test_ours_to_transformers(name, ours_kwargs, hf_kwargs, tmp_path):
         expected = theirs(ids, use_cache=False).logits  # (b, l, V_pad)
         actual = ours(ids)
     assert actual.shape == expected.shape
-    assert _rel_diff(actual, expected) <= REL_TOL
+    assert rel_diff(actual, expected) <= REL_TOL
     out = ours.generate(ids[:, :5], 8, temperature=0)
     torch.testing.assert_close(
         out, _hf_greedy_by_full_forwards(theirs, ids[:, :5], 8, ours.config.vocab_size)
@@ -120,12 +109,12 @@ def test_transformers_to_ours(name, ours_kwargs, hf_kwargs, tmp_path):
     with torch.no_grad():
         expected = theirs(ids, use_cache=False).logits
         actual = ours(ids)
-        assert _rel_diff(actual, expected) <= REL_TOL
+        assert rel_diff(actual, expected) <= REL_TOL
         cache, parts, start = ours.new_cache(2), [], 0
         for n in (4, 1, 1, 5):  # prefill, two one-token steps, a chunk
             parts.append(ours(ids[:, start : start + n], cache=cache))
             start += n
-    assert _rel_diff(torch.cat(parts, 1), expected) <= REL_TOL
+    assert rel_diff(torch.cat(parts, 1), expected) <= REL_TOL
 
 
 def test_mamba_ssm_format_round_trip_and_convert(tmp_path):
@@ -134,7 +123,7 @@ def test_mamba_ssm_format_round_trip_and_convert(tmp_path):
     torch.manual_seed(5)
     cfg = Mamba2Config(d_model=32, n_layer=2, vocab_size=50, d_state=8, headdim=8, ngroups=2, chunk_size=4)
     ours = MambaLM(cfg).eval()
-    _perturb(ours, 6)
+    perturb(ours, 6)
     ours.save_pretrained(tmp_path / "ssm", format="mamba-ssm")
     import json
 
@@ -148,7 +137,7 @@ def test_mamba_ssm_format_round_trip_and_convert(tmp_path):
     assert main(["convert", str(tmp_path / "ssm"), str(tmp_path / "hf"), "--to", "hf"]) == 0
     theirs = transformers.Mamba2ForCausalLM.from_pretrained(tmp_path / "hf").eval()
     with torch.no_grad():
-        assert _rel_diff(ours(ids), theirs(ids, use_cache=False).logits) <= REL_TOL
+        assert rel_diff(ours(ids), theirs(ids, use_cache=False).logits) <= REL_TOL
 
 
 def test_config_checks():

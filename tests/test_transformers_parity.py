@@ -17,6 +17,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest
 import torch
+from parity import perturb, rel_diff
 
 from ssmkit import MambaConfig, MambaLM
 
@@ -56,24 +57,12 @@ CASES = [
 IDS = [c[0] for c in CASES]
 
 
-def _perturb(model: torch.nn.Module, seed: int) -> None:
-    """Move every parameter off its structured init (zero biases, unit norms, log(1..N)) by random noise."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=g))
-
-
 def _hf_model(hf_kwargs: dict, seed: int):
     torch.manual_seed(seed)
     cfg = transformers.MambaConfig(**hf_kwargs, eos_token_id=None, pad_token_id=None, bos_token_id=None)
     model = transformers.MambaForCausalLM(cfg).eval()
-    _perturb(model, seed + 1)
+    perturb(model, seed + 1)
     return model
-
-
-def _rel_diff(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return float((actual - expected).abs().max() / expected.abs().max())
 
 
 def _hf_greedy(model, ids: torch.Tensor, suppress: list[int]) -> torch.Tensor:
@@ -92,7 +81,7 @@ def _hf_greedy(model, ids: torch.Tensor, suppress: list[int]) -> torch.Tensor:
 def test_ours_to_transformers(name, ours_kwargs, hf_kwargs, tmp_path):
     torch.manual_seed(0)
     ours = MambaLM(MambaConfig(**ours_kwargs)).eval()
-    _perturb(ours, 1)
+    perturb(ours, 1)
     ours.save_pretrained(tmp_path)
     theirs = transformers.MambaForCausalLM.from_pretrained(tmp_path).eval()
     # the saved config reads back in transformers as the model we meant
@@ -104,7 +93,7 @@ def test_ours_to_transformers(name, ours_kwargs, hf_kwargs, tmp_path):
         expected = theirs(ids).logits  # (b, l, V_pad)
         actual = ours(ids)
     assert actual.shape == expected.shape
-    assert _rel_diff(actual, expected) <= REL_TOL
+    assert rel_diff(actual, expected) <= REL_TOL
 
     # greedy: transformers samples over the padded vocabulary, we over the real one -> suppress the pad ids
     pad_ids = list(range(ours.config.vocab_size, ours.config.padded_vocab_size))
@@ -132,7 +121,7 @@ def test_transformers_to_ours(name, ours_kwargs, hf_kwargs, tmp_path):
     with torch.no_grad():
         expected = theirs(ids).logits
         actual = ours(ids)
-    assert _rel_diff(actual, expected) <= REL_TOL
+    assert rel_diff(actual, expected) <= REL_TOL
     torch.testing.assert_close(
         ours.generate(ids, GEN_TOKENS, temperature=0), _hf_greedy(theirs, ids, []), rtol=0, atol=0
     )
@@ -149,7 +138,7 @@ def test_cached_decoding_matches_transformers_full_forward():
         expected = theirs(ids, use_cache=False).logits
         cache = ours.new_cache(1)
         actual = torch.cat([ours(ids[:, t : t + 1], cache=cache) for t in range(ids.shape[1])], dim=1)
-    assert _rel_diff(actual, expected) <= REL_TOL
+    assert rel_diff(actual, expected) <= REL_TOL
 
 
 # ------------------------------------------------------------------------------ mamba-130m integration

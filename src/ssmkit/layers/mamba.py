@@ -190,6 +190,19 @@ def conv1d_silu(conv1d: nn.Conv1d, x: Tensor, conv_state: Tensor | None) -> tupl
     return y, tail.to(conv_state.dtype)
 
 
+def check_hidden_states(hidden_states: Tensor, d_model: int, weight_dtype: torch.dtype) -> None:
+    """ValueError unless a mixer's input is (b, l >= 1, d_model) in its weights' dtype (or autocast)."""
+    if hidden_states.dim() != 3 or hidden_states.shape[-1] != d_model or hidden_states.shape[1] == 0:
+        raise ValueError(
+            f"hidden_states must have shape (b, l >= 1, d_model={d_model}), got {tuple(hidden_states.shape)}"
+        )
+    if hidden_states.dtype != weight_dtype and not torch.is_autocast_enabled(hidden_states.device.type):
+        raise ValueError(
+            f"hidden_states has dtype {hidden_states.dtype} but the layer's weights are {weight_dtype}; "
+            f"convert one to the other (e.g. layer.to({hidden_states.dtype}))"
+        )
+
+
 class Mamba(nn.Module):
     """The Mamba (S6) mixer with mamba-ssm's parameters and initialisation.
 
@@ -304,19 +317,7 @@ class Mamba(nn.Module):
         Returns:
             (b, l, d_model) in the input dtype.
         """
-        if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.d_model:
-            raise ValueError(
-                f"hidden_states must have shape (b, l, d_model={self.d_model}), "
-                f"got {tuple(hidden_states.shape)}"
-            )
-        if hidden_states.dtype != self.in_proj.weight.dtype and not torch.is_autocast_enabled(
-            hidden_states.device.type
-        ):
-            raise ValueError(
-                f"hidden_states has dtype {hidden_states.dtype} but the layer's weights are "
-                f"{self.in_proj.weight.dtype}; convert one to the other "
-                f"(e.g. layer.to({hidden_states.dtype}))"
-            )
+        check_hidden_states(hidden_states, self.d_model, self.in_proj.weight.dtype)
         if state is not None:
             self._check_state(state, hidden_states.shape[0])
 

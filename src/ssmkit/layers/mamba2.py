@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ssmkit.layers.mamba import _at_least_f32, conv1d_silu, inverse_softplus
+from ssmkit.layers.mamba import _at_least_f32, check_hidden_states, conv1d_silu, inverse_softplus
 from ssmkit.scan.ssd import DEFAULT_DT_LIMIT, ssd, ssd_step
 
 
@@ -240,19 +240,7 @@ class Mamba2(nn.Module):
         return Mamba2State(conv_state=conv, ssm_state=ssm)
 
     def _check(self, hidden_states: Tensor, state: Mamba2State | None) -> None:
-        if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.d_model or hidden_states.shape[1] == 0:
-            raise ValueError(
-                f"hidden_states must have shape (b, l >= 1, d_model={self.d_model}), "
-                f"got {tuple(hidden_states.shape)}"
-            )
-        if hidden_states.dtype != self.in_proj.weight.dtype and not torch.is_autocast_enabled(
-            hidden_states.device.type
-        ):
-            raise ValueError(
-                f"hidden_states has dtype {hidden_states.dtype} but the layer's weights are "
-                f"{self.in_proj.weight.dtype}; convert one to the other "
-                f"(e.g. layer.to({hidden_states.dtype}))"
-            )
+        check_hidden_states(hidden_states, self.d_model, self.in_proj.weight.dtype)
         if state is None:
             return
         if not isinstance(state, Mamba2State):

@@ -175,6 +175,27 @@ def _build_config(
         raise ValueError(msg if msg.startswith(where) else f"{where}: {msg}") from None
 
 
+def _check_hf_keys(d: dict[str, Any], where: str, what: str, mapped: dict, accepted: set) -> None:
+    """The checks every transformers config gets: no unknown key, the required fields, SiLU."""
+    unknown = sorted(set(d) - set(mapped) - accepted)
+    if unknown:
+        raise ValueError(
+            f"{where}: unknown keys {unknown} for a Hugging Face {what} config (ssmkit reads "
+            f"{sorted(mapped)} and ignores only keys that do not change the weights' meaning)"
+        )
+    for key in ("hidden_size", "num_hidden_layers", "vocab_size"):
+        if key not in d:
+            raise ValueError(f"{where} lacks required field {key!r}")
+    if d.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{where}: only hidden_act='silu' is supported, got {d['hidden_act']!r}")
+
+
+def _hf_pad_multiple(d: dict[str, Any]) -> int:
+    """transformers stores the padded vocabulary; keep its pad_vocab_size_multiple when it divides it."""
+    vocab, pad = d["vocab_size"], d.get("pad_vocab_size_multiple", 1)
+    return pad if isinstance(pad, int) and isinstance(vocab, int) and pad > 0 and vocab % pad == 0 else 1
+
+
 def config_from_hf(d: dict[str, Any], where: str = "Hugging Face config.json") -> MambaConfig:
     """MambaConfig from a transformers ``MambaConfig`` dict (config.json); ValueError naming ``where``.
 
@@ -182,27 +203,16 @@ def config_from_hf(d: dict[str, Any], where: str = "Hugging Face config.json") -
     1e-6 when absent), read into ``MambaConfig.mixer_rms_eps``."""
     falcon = d.get("model_type") == MODEL_TYPE_FALCON
     extra = {"mixer_rms_eps", "use_falcon_mambapy"} if falcon else set()
-    unknown = sorted(set(d) - set(_HF_MAPPED) - _HF_CHECKED - _HF_IGNORED - extra)
-    if unknown:
-        raise ValueError(
-            f"{where}: unknown keys {unknown} for a Hugging Face Mamba config (ssmkit reads "
-            f"{sorted(_HF_MAPPED)} and ignores only keys that do not change the weights' meaning)"
-        )
-    for key in ("hidden_size", "num_hidden_layers", "vocab_size"):
-        if key not in d:
-            raise ValueError(f"{where} lacks required field {key!r}")
-    if d.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"{where}: only hidden_act='silu' is supported, got {d['hidden_act']!r}")
+    _check_hf_keys(d, where, "Mamba", _HF_MAPPED, _HF_CHECKED | _HF_IGNORED | extra)
     kwargs = {ours: d[hf] for hf, ours in _HF_MAPPED.items() if hf in d}
     kwargs.setdefault("bias", False)  # transformers' default (some 5.x-era versions differed; be explicit)
     kwargs.setdefault("tie_embeddings", True)
     if falcon:
         kwargs["mixer_rms_eps"] = d.get("mixer_rms_eps", 1e-6)
-    vocab = d["vocab_size"]
-    pad = d.get("pad_vocab_size_multiple", 1)
-    pad = pad if isinstance(pad, int) and isinstance(vocab, int) and pad > 0 and vocab % pad == 0 else 1
     config = _build_config(
-        {**kwargs, "pad_vocab_size_multiple": pad}, where, {ours: hf for hf, ours in _HF_MAPPED.items()}
+        {**kwargs, "pad_vocab_size_multiple": _hf_pad_multiple(d)},
+        where,
+        {ours: hf for hf, ours in _HF_MAPPED.items()},
     )
     if config.dt_rank == math.ceil(config.d_model / 16):
         config = dataclasses.replace(config, dt_rank="auto")  # HF stores the resolved rank; keep round trips
@@ -258,17 +268,7 @@ def config_to_hf(config: MambaConfig) -> dict[str, Any]:
 
 def config2_from_hf(d: dict[str, Any], where: str = "Hugging Face config.json") -> Mamba2Config:
     """Mamba2Config from a transformers ``Mamba2Config`` dict; absent keys take transformers' defaults."""
-    unknown = sorted(set(d) - set(_HF2_MAPPED) - _HF2_CHECKED - _HF2_IGNORED)
-    if unknown:
-        raise ValueError(
-            f"{where}: unknown keys {unknown} for a Hugging Face Mamba-2 config (ssmkit reads "
-            f"{sorted(_HF2_MAPPED)} and ignores only keys that do not change the weights' meaning)"
-        )
-    for key in ("hidden_size", "num_hidden_layers", "vocab_size"):
-        if key not in d:
-            raise ValueError(f"{where} lacks required field {key!r}")
-    if d.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"{where}: only hidden_act='silu' is supported, got {d['hidden_act']!r}")
+    _check_hf_keys(d, where, "Mamba-2", _HF2_MAPPED, _HF2_CHECKED | _HF2_IGNORED)
     if d.get("rms_norm", True) is not True:
         raise ValueError(f"{where}: rms_norm must be true (transformers' Mamba2 always has the gated norm)")
     full = {**_HF2_DEFAULTS, **d}
@@ -278,9 +278,7 @@ def config2_from_hf(d: dict[str, Any], where: str = "Hugging Face config.json") 
             for v in full["time_step_limit"]
         ]
     kwargs = {ours: full[hf] for hf, ours in _HF2_MAPPED.items() if hf in full}
-    vocab, pad = d["vocab_size"], d.get("pad_vocab_size_multiple", 1)
-    pad = pad if isinstance(pad, int) and isinstance(vocab, int) and pad > 0 and vocab % pad == 0 else 1
-    kwargs["pad_vocab_size_multiple"] = pad
+    kwargs["pad_vocab_size_multiple"] = _hf_pad_multiple(d)
     config = _build_config(kwargs, where, {ours: hf for hf, ours in _HF2_MAPPED.items()}, Mamba2Config)
     if "num_heads" in d and d["num_heads"] != config.nheads:
         raise ValueError(

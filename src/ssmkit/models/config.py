@@ -85,11 +85,36 @@ def attention_kwargs(d_model: int, attn_cfg: dict) -> dict:
     }
 
 
-@dataclass
-class MambaConfig:
-    layer = "Mamba1"  # the mixer every block holds (mamba-ssm's ssm_cfg["layer"]); not a field
+class _LMConfig:
+    """What the two Mamba LM configs share (methods only; each dataclass keeps its own field order)."""
 
+    @property
+    def d_inner(self) -> int:
+        """Inner width E·D of each mixer."""
+        return self.expand * self.d_model
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """vocab_size rounded up to a multiple of pad_vocab_size_multiple (mamba-ssm's rule)."""
+        m = self.pad_vocab_size_multiple
+        return self.vocab_size + (-self.vocab_size) % m
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of the fields (JSON-serialisable; an infinite dt_limit is JSON's Infinity)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str | None = None):
+        """Build from a dict with these field names, strictly: an unknown key or a value of the wrong
+        type is one ValueError naming ``where`` (e.g. the file it came from) and the key."""
+        return config_from_dict(cls, data, where or cls.__name__)
+
+
+@dataclass
+class MambaConfig(_LMConfig):
     """Hyper-parameters of :class:`ssmkit.MambaLM` (mamba-ssm names and defaults)."""
+
+    layer = "Mamba1"  # the mixer every block holds (mamba-ssm's ssm_cfg["layer"]); not a field
 
     d_model: int
     """Model width D (embedding and residual size)."""
@@ -173,20 +198,9 @@ class MambaConfig:
                 raise ValueError(f"MambaConfig.{name} must be a bool, got {getattr(self, name)!r}")
 
     @property
-    def d_inner(self) -> int:
-        """Inner width E·D of each mixer."""
-        return self.expand * self.d_model
-
-    @property
     def resolved_dt_rank(self) -> int:
         """dt_rank with "auto" resolved to ceil(d_model / 16)."""
         return math.ceil(self.d_model / 16) if self.dt_rank == "auto" else int(self.dt_rank)
-
-    @property
-    def padded_vocab_size(self) -> int:
-        """vocab_size rounded up to a multiple of pad_vocab_size_multiple (mamba-ssm's rule)."""
-        m = self.pad_vocab_size_multiple
-        return self.vocab_size + (-self.vocab_size) % m
 
     def mixer_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :class:`ssmkit.layers.mamba.Mamba` (mamba-ssm's ``ssm_cfg``)."""
@@ -205,19 +219,9 @@ class MambaConfig:
             "bcdt_rms_eps": self.mixer_rms_eps,
         }
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict of the fields (JSON-serialisable)."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], where: str = "MambaConfig") -> MambaConfig:
-        """Build from a dict with these field names, strictly: an unknown key or a value of the wrong
-        type is one ValueError naming ``where`` (e.g. the file it came from) and the key."""
-        return config_from_dict(cls, data, where)
-
 
 @dataclass
-class Mamba2Config:
+class Mamba2Config(_LMConfig):
     """Hyper-parameters of :class:`ssmkit.MambaLM` with Mamba-2 mixers (mamba-ssm names and defaults)."""
 
     layer = "Mamba2"  # the mixer every block holds (mamba-ssm's ssm_cfg["layer"]); not a field
@@ -317,20 +321,9 @@ class Mamba2Config:
                 raise ValueError(f"Mamba2Config.{name} must be a bool, got {getattr(self, name)!r}")
 
     @property
-    def d_inner(self) -> int:
-        """Inner width E·D of each mixer (mamba-ssm's d_ssm: the whole inner width is the SSM)."""
-        return self.expand * self.d_model
-
-    @property
     def nheads(self) -> int:
         """Number of heads H = d_inner / headdim."""
         return self.d_inner // self.headdim
-
-    @property
-    def padded_vocab_size(self) -> int:
-        """vocab_size rounded up to a multiple of pad_vocab_size_multiple (mamba-ssm's rule)."""
-        m = self.pad_vocab_size_multiple
-        return self.vocab_size + (-self.vocab_size) % m
 
     def mixer_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :class:`ssmkit.layers.mamba2.Mamba2` (mamba-ssm's ``ssm_cfg``)."""
@@ -352,12 +345,3 @@ class Mamba2Config:
             "conv_bias": self.conv_bias,
             "chunk_size": self.chunk_size,
         }
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict of the fields (JSON-serialisable; dt_limit's ∞ is written as JSON's Infinity)."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], where: str = "Mamba2Config") -> Mamba2Config:
-        """Build from a dict with these field names, strictly (unknown keys / wrong types: one ValueError)."""
-        return config_from_dict(cls, data, where)
