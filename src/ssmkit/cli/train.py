@@ -151,8 +151,23 @@ def _run(args) -> int:
     from ssmkit.train.run import RunConfig, resume, run
 
     config = configs_from_args(args)
+    if isinstance(config, RunConfig) and getattr(config.task, "tokenizer", None) is not None:
+        config = dataclasses.replace(config, task=_hub_tokenizer(config.task))
     with flag_error(vars(args)):
         return run(config) if isinstance(config, RunConfig) else resume(config)
+
+
+def _hub_tokenizer(task):
+    """``task`` (an ``LMTaskConfig``) with its --tokenizer resolved to a local path: a file or folder as
+    it is, a Hub id ("org/name") to the tokenizer files of its snapshot in the Hugging Face cache (fetched
+    first unless offline), so the run and its checkpoint name a folder that exists."""
+    from ssmkit.models.hub import resolve_tokenizer
+
+    try:
+        path = resolve_tokenizer(task.tokenizer)
+    except (ValueError, FileNotFoundError, PermissionError, ImportError) as e:
+        raise type(e)(f"--tokenizer: {e}") from None
+    return dataclasses.replace(task, tokenizer=str(path))
 
 
 def configs_from_args(args):

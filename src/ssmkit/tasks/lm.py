@@ -17,14 +17,16 @@ Reported metrics: the mean cross-entropy in nats per token (the trainer's ``val_
 the tokenizer-independent number (for the byte-level tokenizer the ratio is exactly 1). The
 tokens/bytes ratio is that of the whole validation split; the validation set scores its first windows.
 
-A finished run exports the model with ``save_pretrained`` and the tokenizer files beside it, so that
-``ssmkit generate FOLDER`` and ``transformers`` load the folder as it is.
+A finished run exports the model with ``save_pretrained``, the tokenizer files beside it (for bytes a
+byte-level ``tokenizer.json``) and a ``generation_config.json``, so that ``ssmkit generate FOLDER`` and
+``transformers`` (``AutoTokenizer``, the text-generation pipeline) load the folder as it is.
 
 Glossary: b batch size (per rank), l ``seq_len``, s step, bpb bits per byte.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -32,9 +34,10 @@ from pathlib import Path
 import torch
 
 from ssmkit.data.text import DEFAULT_MAX_BYTES, TokenCorpus
-from ssmkit.data.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
+from ssmkit.data.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer, save_byte_tokenizer
+from ssmkit.models.hub import TOKENIZER_FILES
 from ssmkit.tasks.base import Batch, make_generator, shard
-from ssmkit.utils import atomic_write_bytes
+from ssmkit.utils import atomic_write_bytes, atomic_write_text
 
 
 @dataclass
@@ -164,15 +167,49 @@ class LMTask:
         return {"task": "lm", **asdict(self.config)}
 
     def export(self, model: torch.nn.Module, folder: Path) -> Path:
-        """``save_pretrained`` the model into ``folder`` and put the tokenizer beside it (as tokenizer.json,
-        with the tokenizer_config.json found beside the source; nothing for bytes, which
-        ``load_tokenizer`` assumes when a folder has no tokenizer.json)."""
+        """``save_pretrained`` the model into ``folder`` with its tokenizer files and a
+        ``generation_config.json``, so that ``ssmkit generate``, ``transformers.AutoTokenizer`` and
+        transformers' text-generation pipeline load the folder as it is.
+
+        A ``tokenizer.json`` tokenizer is copied with the ``tokenizer_config.json``,
+        ``special_tokens_map.json`` and ``chat_template.jinja`` found beside it (a minimal
+        ``tokenizer_config.json`` when there is none). Bytes are written as a byte-level ``tokenizer.json``
+        (``save_byte_tokenizer``: ids 0..255 are the bytes, no special tokens). ``generation_config.json``
+        states greedy decoding and the tokenizer's bos / eos / pad ids — all null for bytes, so that
+        transformers neither stops at nor pads with a byte (its Mamba config defaults them to id 0).
+        Tokenizer files of an earlier export that this one does not write are removed. A task that wraps
+        a corpus directly (no tokenizer) saves the model only."""
         folder = Path(folder)
         model.save_pretrained(folder)
-        src = getattr(self.tokenizer, "path", None)  # JsonTokenizer keeps its file; bytes have none
-        if src is not None:
+        tok = self.tokenizer
+        if tok is None:  # a corpus wrapped directly: its tokenizer is not known
+            return folder
+        src = getattr(tok, "path", None)  # JsonTokenizer keeps its file; bytes have none
+        if src is None:
+            written = {p.name for p in save_byte_tokenizer(folder)}
+        else:
             atomic_write_bytes(folder / "tokenizer.json", Path(src).read_bytes())
-            config = Path(src).parent / "tokenizer_config.json"
-            if config.is_file():
-                atomic_write_bytes(folder / "tokenizer_config.json", config.read_bytes())
+            written = {"tokenizer.json"}
+            for name in ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+                beside = Path(src).parent / name
+                if beside.is_file():
+                    atomic_write_bytes(folder / name, beside.read_bytes())
+                    written.add(name)
+            if "tokenizer_config.json" not in written:
+                minimal = {
+                    "tokenizer_class": "PreTrainedTokenizerFast",
+                    "clean_up_tokenization_spaces": False,
+                }
+                atomic_write_text(folder / "tokenizer_config.json", json.dumps(minimal, indent=2) + "\n")
+                written.add("tokenizer_config.json")
+        generation = {
+            "do_sample": False,
+            "bos_token_id": tok.bos_token_id,
+            "eos_token_id": tok.eos_token_id,
+            "pad_token_id": tok.pad_token_id,
+        }
+        atomic_write_text(folder / "generation_config.json", json.dumps(generation, indent=2) + "\n")
+        for name in TOKENIZER_FILES:
+            if name not in written and (folder / name).is_file():
+                (folder / name).unlink()
         return folder
