@@ -338,3 +338,40 @@ def test_train_tokenizer_hub_id_not_cached_is_one_line(tmp_path, offline_cache, 
     err = capsys.readouterr().err
     assert err.startswith("error: --tokenizer: ") and "'org/absent'" in err and "HF_HUB_OFFLINE" in err
     assert err.count("\n") == 1
+
+
+def test_export_replaces_the_tokenizer_files_of_an_earlier_export(tmp_path):
+    """Exporting into a folder that holds another tokenizer's files leaves only the new tokenizer's; a
+    Transformer LM folder (a model type transformers does not know) still loads with AutoTokenizer."""
+    from ssmkit.data.text import TokenCorpus
+    from ssmkit.models.transformer_lm import TransformerConfig, TransformerLM
+    from ssmkit.tasks.lm import LMTask
+
+    (tmp_path / "fox.txt").write_text(SENTENCE * 50)
+    neox_like(tmp_path / "neox")
+    neox = load_tokenizer(tmp_path / "neox")
+    folder = tmp_path / "model"
+    for tok in (neox, ByteTokenizer()):
+        corpus = TokenCorpus.build(tok, tmp_path / "cache", tmp_path / "fox.txt", verbose=False)
+        model = TransformerLM(TransformerConfig(d_model=16, n_layer=1, vocab_size=320, n_head=2, d_mlp=32))
+        LMTask(corpus, seq_len=8, tokenizer=tok).export(model, folder)
+        if tok is neox:
+            assert (folder / "special_tokens_map.json").is_file()
+    assert not (folder / "special_tokens_map.json").exists()
+    assert json.loads((folder / "generation_config.json").read_text())["eos_token_id"] is None
+    auto = transformers.AutoTokenizer.from_pretrained(folder)
+    assert auto("héllo")["input_ids"] == list("héllo".encode())
+
+
+def test_pipeline_on_a_mamba2_byte_run(tmp_path, capsys):
+    from ssmkit import MambaLM
+
+    argv = train_argv(tmp_path, tmp_path / "run", "--model", "mamba2")
+    argv[argv.index("--d-model") + 1] = "32"
+    assert main(argv) == 0
+    capsys.readouterr()
+    folder = tmp_path / "run" / "model"
+    pipe = transformers.pipeline("text-generation", model=str(folder), device="cpu")
+    text = pipe("the ", max_new_tokens=5, do_sample=False)[0]["generated_text"]
+    ids = MambaLM.from_pretrained(folder).generate(torch.tensor([list(b"the ")]), 5, temperature=0.0)
+    assert text == ByteTokenizer().decode(ids[0].tolist())
