@@ -375,3 +375,13 @@ def test_pipeline_on_a_mamba2_byte_run(tmp_path, capsys):
     text = pipe("the ", max_new_tokens=5, do_sample=False)[0]["generated_text"]
     ids = MambaLM.from_pretrained(folder).generate(torch.tensor([list(b"the ")]), 5, temperature=0.0)
     assert text == ByteTokenizer().decode(ids[0].tolist())
+
+
+def test_train_tokenizer_that_is_neither_a_path_nor_an_id_is_one_line(tmp_path, capsys):
+    assert main(train_argv(tmp_path, tmp_path / "run", "--tokenizer", str(tmp_path / "no" / "such"))) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: --tokenizer: ") and "does not exist" in err and err.count("\n") == 1
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    flag_help = capsys.readouterr().out.split("  --tokenizer TOKENIZER", 1)[1].split("\n  --", 1)[0]
+    assert "or a Hub id (org/name" in " ".join(flag_help.split())  # however argparse wraps it

@@ -130,6 +130,12 @@ def add_parser(sub) -> None:
     )
     lm.add_argument("--model", choices=sorted(LM_MODELS), default="mamba", help="LM kind (default: mamba)")
     add_dataclass_args(lm, LMTaskConfig, skip=("seq_len", "seed"))
+    for action in lm._group_actions:  # --tokenizer also takes a Hub id here (resolved by _hub_tokenizer)
+        if action.dest == "tokenizer":
+            action.help = (
+                "tokenizer.json file, a folder holding one, or a Hub id (org/name, fetched into or read "
+                "from the Hugging Face cache; offline with HF_HUB_OFFLINE=1) (default: bytes, vocabulary 256)"
+            )
     lm.add_argument("--n-head", type=int, default=4, help="transformer attention heads (default: 4)")
     lm.add_argument("--d-mlp", type=int, default=None, help="transformer MLP width (default: 4·d_model)")
     p.add_argument(
