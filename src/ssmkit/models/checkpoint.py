@@ -157,7 +157,13 @@ _SSM2_CFG_MAPPED = {
 _SSM2_CFG_IGNORED = {"layer", "use_mem_eff_path", "conv_init", "d_ssm"}
 
 # Tokenizer files a conversion carries over from the source folder.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
 
 
 # ---------------------------------------------------------------------------- configs
