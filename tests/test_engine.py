@@ -389,3 +389,16 @@ def test_int8_on_a_trained_model(trained_model):
     assert per_step.mean() < 0.02 and per_step.max() < 0.06, (per_step.mean(), per_step.max())
     agree = (logits8.argmax(1) == logits32.argmax(1)).float().mean()
     assert agree >= 0.97, agree
+
+
+def test_models_the_fused_step_lacks_take_the_module_path():
+    """Falcon-Mamba's Δ/B/C norms and a hybrid's GatedMLP are not in the kernel: decode_step declines."""
+    from ssmkit import MambaConfig, MambaLM
+    from ssmkit.engine.decode import decode_step
+
+    for extra in ({"mixer_rms_eps": 1e-6}, {"d_intermediate": 16}):
+        model = MambaLM(MambaConfig(d_model=16, n_layer=1, vocab_size=32, **extra)).eval()
+        with torch.no_grad():
+            cache = model.new_cache(1)
+            model(torch.tensor([[1, 2]]), cache=cache)
+            assert decode_step(model, torch.tensor([[3]]), cache) is None

@@ -86,6 +86,10 @@ def unsupported_reason(model: nn.Module) -> str | None:
     for i, layer in enumerate(backbone.layers):
         if not isinstance(getattr(layer, "mixer", None), Mamba):
             return f"layer {i} is not a Mamba (S6) mixer"
+        if layer.mixer.bcdt_rms_eps is not None:
+            return f"layer {i} is a Falcon-Mamba mixer (RMS-normalised Δ, B, C), which the fused step lacks"
+        if getattr(layer, "mlp", None) is not None:
+            return f"layer {i} has a GatedMLP after its mixer, which the fused step lacks"
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if t.device.type != "cpu":
             return f"{name} is on {t.device}, the fused step runs on the CPU"

@@ -22,7 +22,10 @@ Cached inference (ssmkit's one state protocol, ``ssmkit.models.cache``): ``cache
 ``model(ids, cache=cache)`` consumes any number of new tokens and continues from the cache (one
 :class:`~ssmkit.layers.mamba.MambaState` or ``Mamba2State`` per layer, constant size in the sequence
 length). Prefill,
-chunked prefill and one-token decoding are one code path.
+chunked prefill and one-token decoding are one code path. Without autograd, a one-token call is
+handed to the fused C++ decode step (``ssmkit.engine.decode_step``: every weight read once per token, in
+float32 / bfloat16 / int8) where it applies; the module path is its slow twin, tested token by token
+against it (``tests/test_engine.py``; ``ssmkit.engine.decode.disabled()`` forces the module path).
 
 Glossary: D d_model; V_pad padded vocabulary; l sequence length; b batch.
 """
@@ -35,6 +38,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ssmkit.engine.decode import decode_step
 from ssmkit.generate import GenerationMixin, check_input_ids, check_num_last_tokens
 from ssmkit.layers.attention import KVCache, MultiheadAttention
 from ssmkit.layers.mamba import Mamba, MambaState
@@ -163,6 +167,10 @@ class MambaLM(GenerationMixin, nn.Module):
         check_num_last_tokens(num_last_tokens)
         if cache is not None:
             cache.check(len(self.backbone.layers), input_ids.shape[0])
+            if input_ids.shape[1] == 1 and not torch.is_grad_enabled():
+                logits = decode_step(self, input_ids, cache)  # the fused C++ step, where it applies
+                if logits is not None:
+                    return logits  # (b, 1, V_pad)
         hidden = self.backbone(input_ids, cache)  # (b, l, d)
         if num_last_tokens > 0:
             hidden = hidden[:, -num_last_tokens:]  # (b, k, d)
