@@ -538,3 +538,26 @@ def test_cli_checks_flags_before_loading(tmp_path, capsys):
     assert capsys.readouterr().err == "error: --max-streams (4) must be >= --max-batch (8)\n"
     assert main(["serve", str(tmp_path / "missing")]) == 1
     assert "MODEL_DIR" in capsys.readouterr().err
+
+
+def test_mamba2_and_falcon_folders_load_and_a_hybrid_is_refused(tmp_path):
+    """Every constant-state family is served; a hybrid's attention KV caches could not join a batch."""
+    from ssmkit import Mamba2Config
+    from ssmkit.serve.server import ServeConfig, load
+
+    for name, cfg in {
+        "m2": Mamba2Config(d_model=32, n_layer=1, vocab_size=104, d_state=8, headdim=16),
+        "falcon": MambaConfig(d_model=32, n_layer=1, vocab_size=104, mixer_rms_eps=1e-6),
+    }.items():
+        make_model_folder(tmp_path / name, None)
+        MambaLM(cfg).save_pretrained(tmp_path / name)
+        model, *_ = load(ServeConfig(model_dir=tmp_path / name))
+        assert type(model.config) is type(cfg)
+    hybrid = MambaConfig(d_model=32, n_layer=2, vocab_size=104, attn_layer_idx=[1],
+                         attn_cfg={"num_heads": 2, "causal": True})  # fmt: skip
+    make_model_folder(tmp_path / "hybrid", None)
+    MambaLM(hybrid).save_pretrained(tmp_path / "hybrid", format="mamba-ssm")
+    for p in (tmp_path / "hybrid").glob("model.safetensors"):
+        p.unlink()
+    with pytest.raises(ValueError, match=r"a hybrid with attention layers \[1\] is not served"):
+        load(ServeConfig(model_dir=tmp_path / "hybrid"))

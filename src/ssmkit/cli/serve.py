@@ -33,7 +33,10 @@ def add_parser(sub) -> None:
         "Ctrl-C or SIGTERM.",
     )
     p.add_argument(
-        "model_dir", type=Path, metavar="MODEL_DIR", help="local model folder (config.json + weights)"
+        "model_dir",
+        type=Path,
+        metavar="MODEL_DIR",
+        help="model folder (config.json + weights) or org/name Hub id (hub extra)",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=_port, default=8000, help="TCP port; 0 = any free port (default: 8000)")

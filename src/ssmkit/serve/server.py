@@ -63,20 +63,27 @@ def load(config: ServeConfig):
     import torch
 
     from ssmkit.data.tokenizer import load_tokenizer
+    from ssmkit.models.checkpoint import MODEL_TYPES
+    from ssmkit.models.hub import resolve
     from ssmkit.models.load import load_model, model_type_of
     from ssmkit.serve.chat import ChatTemplate
 
-    folder = config.model_dir
-    if not folder.is_dir():
-        raise FileNotFoundError(f"MODEL_DIR {folder}: no such folder")
+    if not config.model_dir.is_dir() and "/" not in str(config.model_dir):
+        raise FileNotFoundError(f"MODEL_DIR {config.model_dir}: no such folder (nor an org/name Hub id)")
+    folder = resolve(config.model_dir)  # a folder as it is; an org/name Hub id through the HF cache
     found = model_type_of(folder)
-    if found != "mamba":
+    if found not in MODEL_TYPES:
         raise ValueError(
             f"{folder / 'config.json'}: model type {found!r} is not served: ssmkit serve serves Mamba "
-            "models, whose state per stream is constant; a Transformer's KV cache grows with every token "
-            "of context"
+            "models (Mamba, Mamba-2, Falcon-Mamba), whose state per stream is constant; a Transformer's KV "
+            "cache grows with every token of context"
         )
     model = load_model(folder).eval().to(getattr(torch, config.dtype))
+    if model.config.attn_layer_idx:
+        raise ValueError(
+            f"{folder / 'config.json'}: a hybrid with attention layers {model.config.attn_layer_idx} is not "
+            "served: its KV caches grow with the context and cannot join a batch at different lengths"
+        )
     tokenizer = load_tokenizer(folder)
     if tokenizer.vocab_size > model.config.padded_vocab_size:
         raise ValueError(
