@@ -9,8 +9,8 @@ may be shared: medians, with the best run beside them):
     module        MambaLM.forward(token, cache=cache) layer by layer (inside engine.disabled());
                   ``--module-steps`` tokens per run (it is slow: an int8 model dequantizes every weight)
     fused         ssmkit.engine.decode_step — what MambaLM.forward does for one token without autograd
-    transformers  MambaForCausalLM.generate(max_new_tokens = k + steps) minus generate(k): decode only
-                  (its prefill and set-up cancel); float32 and bfloat16 (it has no int8)
+    transformers  MambaForCausalLM.generate(max_new_tokens = k + 2·steps) minus generate(k), back to back:
+                  decode only (its prefill and set-up cancel); float32 and bfloat16 (it has no int8)
 
 The weight-bandwidth limit: the machine's read bandwidth is measured as the best rate of 21 ``torch.sum``
 calls over a 256 MiB float32 tensor (same threads; the median is printed too); reading every weight
@@ -130,22 +130,23 @@ def transformers_model(dtype: str):
 
 
 def time_transformers(model, b: int, steps: int, repeats: int) -> list[float]:
-    """ms per decoded token: (generate(base + steps) − generate(base)) / steps, each generate timed
-    ``repeats`` times; returns [difference of the medians, difference of the best runs]."""
+    """ms per decoded token: (generate(base + 2·steps) − generate(base)) / (2·steps), the two timed back
+    to back ``repeats`` times; returns [median of the differences, smallest difference]."""
     ids = torch.zeros(b, 4, dtype=torch.long)
-    base = 4
+    base, n = 4, 2 * steps
 
-    def gen(n: int) -> float:
+    def gen(k: int) -> float:
         t0 = time.perf_counter()
         with torch.no_grad():
-            model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+            model.generate(ids, max_new_tokens=k, min_new_tokens=k, do_sample=False, pad_token_id=0)
         return time.perf_counter() - t0
 
     gen(base)  # warm-up
-    short = [gen(base) for _ in range(repeats)]
-    long = [gen(base + steps) for _ in range(repeats)]
-    per = lambda a, c: (a - c) / steps * 1e3  # noqa: E731
-    return [per(statistics.median(long), statistics.median(short)), per(min(long), min(short))]
+    diffs = []
+    for _ in range(repeats):
+        short = gen(base)
+        diffs.append((gen(base + n) - short) / n * 1e3)
+    return [statistics.median(diffs), min(diffs)]
 
 
 def time_head(dtype: str, repeats: int = 9) -> dict:
