@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 WORKER = textwrap.dedent(
@@ -48,6 +49,7 @@ WORKER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_match_single(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)

@@ -366,6 +366,7 @@ def _perplexity_and_logits(model: MambaLM, ids: torch.Tensor, fused: bool) -> tu
     return math.exp(nll.item()), logits
 
 
+@pytest.mark.slow
 def test_int8_on_a_trained_model(trained_model):
     """int8 vs float32 on held-out text (600 bytes, decoded token by token through the fused step).
 

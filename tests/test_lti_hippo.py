@@ -190,6 +190,7 @@ def memory_error(A: torch.Tensor, B: torch.Tensor, L: int = 1000) -> float:
     return float(np.sqrt(np.mean((rec - ref) ** 2)) / np.sqrt(np.mean(ref**2)))
 
 
+@pytest.mark.slow
 def test_hippo_legs_memory_reconstructs_history():
     sizes = [8, 16, 32, 64]
     errs = [memory_error(*hippo(n, "legs")) for n in sizes]

@@ -23,7 +23,8 @@ from scan_cases import (
 from ssmkit.scan.chunked import CHUNK_SIZE, selective_scan_chunked
 from ssmkit.scan.reference import selective_scan_reference
 
-CASES = covering_cases(CHUNK_SIZE)
+# the l = 1000 cases (every option, many chunks) take ~10-25 s each against the Python-loop reference: slow
+CASES = [pytest.param(c, marks=pytest.mark.slow) if c.l >= 1000 else c for c in covering_cases(CHUNK_SIZE)]
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)

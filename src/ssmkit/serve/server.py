@@ -68,9 +68,10 @@ def load(config: ServeConfig):
     from ssmkit.models.load import load_model, model_type_of
     from ssmkit.serve.chat import ChatTemplate
 
-    if not config.model_dir.is_dir() and "/" not in str(config.model_dir):
-        raise FileNotFoundError(f"MODEL_DIR {config.model_dir}: no such folder (nor an org/name Hub id)")
-    folder = resolve(config.model_dir)  # a folder as it is; an org/name Hub id through the HF cache
+    try:
+        folder = resolve(config.model_dir)  # a folder as it is; an org/name Hub id through the HF cache
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"MODEL_DIR: {err}") from None
     found = model_type_of(folder)
     if found not in MODEL_TYPES:
         raise ValueError(
