@@ -179,7 +179,10 @@ static inline void dot_tile(const T* W, int64_t ldw, int64_t K, const float* X, 
         vu u;
         __builtin_memcpy(&u, W + r * ldw + k, sizeof u);
         const vf we = (vf)(u << 16), wo = (vf)(u & 0xffff0000u);
-        for (int j = 0; j < NB; ++j) acc[r][j] += we * xe[j] + wo * xo[j];
+        for (int j = 0; j < NB; ++j) {  // two steps, in the order the widened rows use (batch-invariant)
+          acc[r][j] += we * xe[j];
+          acc[r][j] += wo * xo[j];
+        }
       }
     }
   }
@@ -259,6 +262,15 @@ static inline void rows_all_batch(const T* W, const float* scale, int64_t K, int
         const T* src = W + (o0 + r) * K;
         float* dst = buf.data() + r * K;
         int64_t k = 0;
+        if constexpr (std::is_same<T, uint16_t>::value) {  // bf16: in the paired order X was put in
+          for (; k + 2 * VW <= K; k += 2 * VW) {
+            if (((k * 2) & 63) == 0) __builtin_prefetch(src + k + R * K);
+            vu u;
+            __builtin_memcpy(&u, src + k, sizeof u);
+            storef(dst + k, (vf)(u << 16));
+            storef(dst + k + VW, (vf)(u & 0xffff0000u));
+          }
+        }
         for (; k + VW <= K; k += VW) {
           if (((k * (int64_t)sizeof(T)) & 63) == 0) __builtin_prefetch(src + k + R * K);  // the next tile
           storef(dst + k, loadw(src + k));
@@ -290,11 +302,9 @@ template <class T, class Epi>
 static void matvec(const T* W, const float* scale, int64_t O, int64_t K, const float* X, int64_t nb,
                    const Epi& epi) {
   std::vector<float> xpairs;
-  if constexpr (std::is_same<T, uint16_t>::value) {
-    if (nb <= BT) {  // more rows go through the widened float32 buffer (rows_all_batch), which reads X as is
-      xpairs = bf16_pairs_x(X, nb, K);
-      X = xpairs.data();
-    }
+  if constexpr (std::is_same<T, uint16_t>::value) {  // bf16 rows are read in pairs (dot_tile, rows_all_batch)
+    xpairs = bf16_pairs_x(X, nb, K);
+    X = xpairs.data();
   }
   const int64_t tiles = O / RT;
   const int64_t per_item = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, K * RT));  // ~32 Ki weights
