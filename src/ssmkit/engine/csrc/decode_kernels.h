@@ -203,7 +203,9 @@ static inline void dot_tile(const T* W, int64_t ldw, int64_t K, const float* X, 
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < NB; ++j) {
       float s = hsum(acc[r][j]);
-      for (int64_t kk = k; kk < K; ++kk) s += w1(W + r * ldw + kk) * X[j * ldx + kk];
+      // The tail fused on purpose: a loop of s += w * x may be vectorised as a multiply then in-order adds
+      // for one weight type and stay fused for another, and a row must not depend on the path it took.
+      for (int64_t kk = k; kk < K; ++kk) s = __builtin_fmaf(w1(W + r * ldw + kk), X[j * ldx + kk], s);
       out[r][j] = s;
     }
 }
