@@ -11,6 +11,7 @@ Public API (re-exports only; each name is imported on first use so that ``import
     SequenceModelConfig, SequenceModel              the ablation models (Mamba paper, Table 1 / 11)
     Cache, generate                                 the one state protocol; decoding
     load_model                                      any model folder or Hub id, by its model type
+    quantize                                        weight-only int8 for the fused decode step
 """
 
 from importlib import import_module
@@ -35,6 +36,7 @@ _EXPORTS = {
     "SequenceModel": "ssmkit.models.sequence",
     "Cache": "ssmkit.models.cache",
     "load_model": "ssmkit.models.load",
+    "quantize": "ssmkit.engine.quant",
     "generate": "ssmkit.generate",
     "param_groups": "ssmkit.train.optim",
 }
