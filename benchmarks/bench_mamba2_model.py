@@ -1,0 +1,131 @@
+"""Whole Mamba-2 language model on the CPU: ssmkit's MambaLM(Mamba2Config) against transformers'
+Mamba2ForCausalLM (its torch path), side by side in one process, the same random weights.
+
+    python benchmarks/bench_mamba2_model.py [--threads 2] [--length 2048] [--repeats 3]
+
+Shape: mamba2-130m (d_model 768, 24 layers, d_state 128, headdim 64, expand 2, vocab 50288). Measured:
+prefill of ``--length`` tokens (no autograd; tokens/s), one-token decode (ms/token, 32 steps after a
+short prefill), and a training step (forward + backward of ``--length`` tokens, batch 1; tokens/s), each
+the median of ``--repeats``. Also printed: the machine's float32 GEMM rate in the same process (the limit
+the prefill and the training step are bounded by). ssmkit runs with chunk_size 64 (the same outputs as
+the checkpoints' 256; faster on a CPU) and, for comparison, 256.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import torch
+
+
+def gemm_gflops(n: int = 1024, reps: int = 10) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
+
+
+def timed(fn, repeats: int) -> float:
+    fn()  # warm-up (kernel builds, allocator)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def measure(model, is_ours: bool, ids, repeats: int) -> tuple[float, float, float]:
+    """(prefill tokens/s, decode ms/token, training-step tokens/s) of one model."""
+
+    def call(x):
+        return model(x) if is_ours else model(x, use_cache=False).logits
+
+    with torch.no_grad():
+        prefill = timed(lambda: call(ids), repeats)
+
+    def decode() -> float:
+        with torch.no_grad():
+            if is_ours:
+                cache = model.new_cache(1)
+                model(ids[:, :16], cache=cache)
+                t = time.perf_counter()
+                for i in range(32):
+                    model(ids[:, 16 + i : 17 + i], cache=cache)
+                return (time.perf_counter() - t) / 32
+            out = model(ids[:, :16], use_cache=True)
+            t = time.perf_counter()
+            for i in range(32):
+                pos = torch.tensor([16 + i])
+                out = model(
+                    ids[:, 16 + i : 17 + i], cache_params=out.cache_params, use_cache=True, cache_position=pos
+                )
+            return (time.perf_counter() - t) / 32
+
+    step = statistics.median(decode() for _ in range(repeats))
+
+    def train() -> None:
+        model.zero_grad(set_to_none=True)
+        call(ids).float().logsumexp(-1).mean().backward()
+
+    model.train()
+    train_s = timed(train, repeats)
+    model.eval()
+    return ids.shape[1] / prefill, step * 1e3, ids.shape[1] / train_s
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--length", type=int, default=2048)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--layers", type=int, default=24)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    import transformers
+
+    from ssmkit import Mamba2Config, MambaLM
+
+    cfg = Mamba2Config(d_model=768, n_layer=args.layers, vocab_size=50288, d_state=128, headdim=64)
+    ours = MambaLM(cfg).eval()
+    with tempfile.TemporaryDirectory() as folder:
+        ours.save_pretrained(folder)
+        theirs = transformers.Mamba2ForCausalLM.from_pretrained(folder).eval()
+    n_params = sum(p.numel() for p in ours.parameters())
+    ids = torch.randint(0, cfg.vocab_size, (1, args.length))
+    print(
+        f"mamba2-130m shape, {args.layers} layers, {n_params / 1e6:.1f} M parameters, {args.threads} threads"
+    )
+    print(f"float32 GEMM rate in this process: {gemm_gflops():.0f} GFLOP/s")
+
+    def set_chunk(c):
+        for layer in ours.backbone.layers:
+            layer.mixer.chunk_size = c
+
+    rows = []
+    for name, model, chunk in (
+        ("ssmkit chunk 64", ours, 64),
+        ("ssmkit chunk 256", ours, 256),
+        ("transformers", theirs, None),
+    ):
+        if chunk is not None:
+            set_chunk(chunk)
+        rows.append((name, *measure(model, model is ours, ids, args.repeats)))
+    print(f"\n{'':18s} {'prefill tok/s':>14s} {'decode ms/token':>16s} {'train step tok/s':>17s}")
+    for name, pf, dec, tr in rows:
+        print(f"{name:18s} {pf:14.0f} {dec:16.1f} {tr:17.0f}")
+    base = rows[-1]
+    for name, pf, dec, tr in rows[:-1]:
+        ratios = f"prefill {pf / base[1]:.2f}x, decode {base[2] / dec:.2f}x, train {tr / base[3]:.2f}x"
+        print(f"{name}: {ratios} transformers")
+
+
+if __name__ == "__main__":
+    main()
