@@ -5,9 +5,10 @@ Mamba2ForCausalLM (its torch path), side by side in one process, the same random
 
 Shape: mamba2-130m (d_model 768, 24 layers, d_state 128, headdim 64, expand 2, vocab 50288). Measured:
 prefill of ``--length`` tokens (no autograd; tokens/s), one-token decode (ms/token, 32 steps after a
-short prefill), and a training step (forward + backward of ``--length`` tokens, batch 1; tokens/s), each
-the median of ``--repeats``. Also printed: the machine's float32 GEMM rate in the same process (the limit
-the prefill and the training step are bounded by). ssmkit runs with chunk_size 64 (the same outputs as
+short prefill), and a training step (forward + backward of ``--length`` tokens, batch 1; tokens/s, and the
+peak resident memory it adds above the model's), each the median of ``--repeats``. Also printed: the
+machine's float32 GEMM rate in the same process (the limit the prefill and the training step are bounded
+by). ssmkit runs with chunk_size 64 (the same outputs as
 the checkpoints' 256; faster on a CPU) and, for comparison, 256.
 """
 
@@ -30,6 +31,23 @@ def gemm_gflops(n: int = 1024, reps: int = 10) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
 
 
+def peak_rss_mib_during(fn) -> float:
+    """Peak resident memory (MiB) above the level before, while ``fn`` runs (Linux: VmHWM after a reset)."""
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")  # resets VmHWM to the current RSS
+    before = _status_mib("VmRSS")
+    fn()
+    return _status_mib("VmHWM") - before
+
+
+def _status_mib(key: str) -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    raise KeyError(key)
+
+
 def timed(fn, repeats: int) -> float:
     fn()  # warm-up (kernel builds, allocator)
     times = []
@@ -40,8 +58,8 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def measure(model, is_ours: bool, ids, repeats: int) -> tuple[float, float, float]:
-    """(prefill tokens/s, decode ms/token, training-step tokens/s) of one model."""
+def measure(model, is_ours: bool, ids, repeats: int) -> tuple[float, float, float, float]:
+    """(prefill tokens/s, decode ms/token, training-step tokens/s, its peak extra MiB) of one model."""
 
     def call(x):
         return model(x) if is_ours else model(x, use_cache=False).logits
@@ -75,8 +93,11 @@ def measure(model, is_ours: bool, ids, repeats: int) -> tuple[float, float, floa
 
     model.train()
     train_s = timed(train, repeats)
+    model.zero_grad(set_to_none=True)
+    peak = peak_rss_mib_during(train)
+    model.zero_grad(set_to_none=True)
     model.eval()
-    return ids.shape[1] / prefill, step * 1e3, ids.shape[1] / train_s
+    return ids.shape[1] / prefill, step * 1e3, ids.shape[1] / train_s, peak
 
 
 def main() -> None:
@@ -118,11 +139,12 @@ def main() -> None:
         if chunk is not None:
             set_chunk(chunk)
         rows.append((name, *measure(model, model is ours, ids, args.repeats)))
-    print(f"\n{'':18s} {'prefill tok/s':>14s} {'decode ms/token':>16s} {'train step tok/s':>17s}")
-    for name, pf, dec, tr in rows:
-        print(f"{name:18s} {pf:14.0f} {dec:16.1f} {tr:17.0f}")
+    header = f"{'prefill tok/s':>14s} {'decode ms/token':>16s} {'train step tok/s':>17s} {'peak MiB':>9s}"
+    print(f"\n{'':18s} {header}")
+    for name, pf, dec, tr, mib in rows:
+        print(f"{name:18s} {pf:14.0f} {dec:16.1f} {tr:17.0f} {mib:9.0f}")
     base = rows[-1]
-    for name, pf, dec, tr in rows[:-1]:
+    for name, pf, dec, tr, _ in rows[:-1]:
         ratios = f"prefill {pf / base[1]:.2f}x, decode {base[2] / dec:.2f}x, train {tr / base[3]:.2f}x"
         print(f"{name}: {ratios} transformers")
 
