@@ -4,6 +4,8 @@
                                                          # d_model 64, batch 16, constant lr 1e-3,
                                                          # 12000 steps, 2 cells at a time, 1 thread each
     python benchmarks/table1.py --jobs 6 --threads 2     # more cells in parallel on a bigger machine
+    python benchmarks/table1.py --layers s6 --schedule wsd --seeds 0,1,2   # every S6 cell, 3 seeds
+    python benchmarks/table1.py --archs mamba2 --layers ssd              # the Mamba-2 mixer's cell
     python benchmarks/table1.py --paper                  # Appendix E.1: L=4096, 400K steps, constant lr 1e-4,
                                                          # batch 64 (needs a GPU and days)
 
@@ -33,7 +35,12 @@ PAPER = {  # Gu & Dao (2023) Table 1, accuracy (%); S4 = the LTI layer (we run S
     ("mamba", "s4"): 56.4,
     ("mamba", "s6"): 99.8,
 }
-ARCH_NAME = {"none": "No gate", "h3": "H3", "mamba": "Mamba"}
+ARCH_NAME = {"none": "No gate", "h3": "H3", "mamba": "Mamba", "mamba2": "Mamba-2"}
+
+
+def run_name(arch: str, layer: str, seed: int) -> str:
+    """A cell's run folder; seed 0 keeps the unsuffixed name of single-seed grids."""
+    return f"{arch}-{layer}" + (f"-seed{seed}" if seed else "")
 
 
 def done_steps(out: Path) -> int:
@@ -44,7 +51,7 @@ def done_steps(out: Path) -> int:
     )
 
 
-def cell_command(args, arch: str, layer: str, out: Path) -> list[str]:
+def cell_command(args, arch: str, layer: str, seed: int, out: Path) -> list[str]:
     if done_steps(out):  # continue a finished shorter run; with a constant lr that equals the longer run
         cmd = [sys.executable, "-m", "ssmkit", "train", "--resume", str(out / "checkpoint.safetensors")]
         return cmd + ["--total-steps", str(args.steps), "--no-progress"]
@@ -86,7 +93,7 @@ def cell_command(args, arch: str, layer: str, out: Path) -> list[str]:
         "--ckpt-every",
         str(args.ckpt_every),
         "--seed",
-        str(args.seed),
+        str(seed),
         "--device",
         args.device,
         "--out",
@@ -104,7 +111,7 @@ def cell_command(args, arch: str, layer: str, out: Path) -> list[str]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--archs", default="none,h3,mamba")
-    p.add_argument("--layers", default="s4d,s6", help="comma-separated: s4d, s4, s6")
+    p.add_argument("--layers", default="s4d,s6", help="comma-separated: s4d, s4, s6 (ssd: with mamba2)")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--n-tokens", type=int, default=16)
     p.add_argument("--vocab-size", type=int, default=16)
@@ -118,7 +125,7 @@ def main() -> int:
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--eval-examples", type=int, default=512)
     p.add_argument("--ckpt-every", type=int, default=500)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default="0", help="comma-separated seeds: one run per cell and seed")
     p.add_argument("--dt-min", type=float, default=1e-3, help="smallest initial Δ")
     p.add_argument("--dt-max", type=float, default=0.1, help="largest initial Δ")
     p.add_argument("--device", default="cpu")
@@ -145,18 +152,22 @@ def main() -> int:
         )
         args.warmup_steps = 0
     archs, layers = parse_list(args.archs, str, "--archs"), parse_list(args.layers, str, "--layers")
-    cells = [(a, layer) for a in archs for layer in layers]
+    seeds = parse_list(args.seeds, int, "--seeds")
+    cells = [(a, layer) for a in archs for layer in layers if (a == "mamba2") == (layer == "ssd")]
+    if not cells:
+        raise SystemExit("error: no cell: the mamba2 arch goes with layer ssd and only with it")
+    runs = [(a, layer, seed) for a, layer in cells for seed in seeds]
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.collect_only:
-        pending = [c for c in cells if done_steps(args.out / f"{c[0]}-{c[1]}") < args.steps]
-        pending.sort(key=lambda c: c[1] != "s6")  # the slow S6 cells first: shorter wall time
+        pending = [r for r in runs if done_steps(args.out / run_name(*r)) < args.steps]
+        pending.sort(key=lambda r: r[1] == "s4d")  # the slow S6 / SSD cells first: shorter wall time
         running: list[tuple[subprocess.Popen, tuple, float]] = []
         while pending or running:
             while pending and len(running) < args.jobs:
-                a, layer = pending.pop(0)
-                run_dir = args.out / f"{a}-{layer}"
+                a, layer, seed = pending.pop(0)
+                run_dir = args.out / run_name(a, layer, seed)
                 run_dir.mkdir(parents=True, exist_ok=True)
-                cmd = cell_command(args, a, layer, run_dir)
+                cmd = cell_command(args, a, layer, seed, run_dir)
                 with open(run_dir / "command.txt", "a") as f:
                     f.write(" ".join(cmd) + "\n")
                 log = open(run_dir / "train.log", "a")
@@ -166,27 +177,27 @@ def main() -> int:
                 running.append(
                     (
                         subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env),
-                        (a, layer),
+                        (a, layer, seed),
                         time.time(),
                     )
                 )
-                print(f"[table1] started {a}/{layer}", flush=True)
+                print(f"[table1] started {run_dir.name}", flush=True)
             time.sleep(2)
             for proc, cell, t0 in list(running):
                 if proc.poll() is not None:
                     running.remove((proc, cell, t0))
                     dt = time.time() - t0
-                    summary = args.out / f"{cell[0]}-{cell[1]}" / "summary.json"
+                    summary = args.out / run_name(*cell) / "summary.json"
                     if proc.returncode == 0 and summary.exists():
                         with open(summary.with_name("calls.jsonl"), "a") as f:  # one line per call
                             f.write(json.dumps(json.loads(summary.read_text())) + "\n")
-                    msg = f"[table1] finished {cell[0]}/{cell[1]} rc={proc.returncode} in {dt:.0f}s"
+                    msg = f"[table1] finished {run_name(*cell)} rc={proc.returncode} in {dt:.0f}s"
                     print(msg, flush=True)
     rows = []
-    for a, layer in cells:
-        s = args.out / f"{a}-{layer}" / "summary.json"
+    for a, layer, seed in runs:
+        s = args.out / run_name(a, layer, seed) / "summary.json"
         if not s.exists():
-            rows.append({"arch": a, "layer": layer, "acc": None})
+            rows.append({"arch": a, "layer": layer, "seed": seed, "acc": None})
             continue
         summ = json.loads(s.read_text())
         ev = summ["final_eval"].get(str(args.seq_len)) or next(iter(summ["final_eval"].values()), None)
@@ -202,6 +213,7 @@ def main() -> int:
             {
                 "arch": a,
                 "layer": layer,
+                "seed": seed,
                 "acc": None if ev is None else 100 * ev["acc"],
                 "steps": summ["step"],
                 "wall_s": sum(walls) if walls else summ["wall_s"],
@@ -210,17 +222,31 @@ def main() -> int:
             }
         )
     lines = [
-        "| Arch | Layer | ours acc (%) | steps | first step ≥ 97 % | wall (s) | paper acc (%) |",
-        "|---|---|---|---|---|---|---|",
+        "| Arch | Layer | seed | ours acc (%) | steps | first step ≥ 97 % | wall (s) | paper acc (%) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        paper = PAPER.get((r["arch"], "s4" if r["layer"] in ("s4", "s4d") else r["layer"]))
+        paper = PAPER.get((r["arch"], "s4" if r["layer"] in ("s4", "s4d") else r["layer"]), "–")
         acc = "not run" if r["acc"] is None else f"{r['acc']:.1f}"
-        paper_txt = f"{paper} (S4)" if r["layer"] != "s6" else f"{paper}"
+        paper_txt = f"{paper} (S4)" if r["layer"] in ("s4", "s4d") else f"{paper}"
         lines.append(
-            f"| {ARCH_NAME[r['arch']]} | {r['layer'].upper()} | {acc} | {r.get('steps', '')} | "
+            f"| {ARCH_NAME[r['arch']]} | {r['layer'].upper()} | {r['seed']} | {acc} | {r.get('steps', '')} | "
             f"{r.get('first_step_97') or '–'} | {r.get('wall_s', 0):.0f} | {paper_txt} |"
         )
+    if len(seeds) > 1:  # one line per cell: mean and the spread (min–max) over the seeds
+        lines += [
+            "",
+            "| Arch | Layer | seeds | mean acc (%) | min–max | paper acc (%) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for a, layer in cells:
+            accs = [r["acc"] for r in rows if (r["arch"], r["layer"]) == (a, layer) and r["acc"] is not None]
+            if accs:
+                paper = PAPER.get((a, "s4" if layer in ("s4", "s4d") else layer), "–")
+                lines.append(
+                    f"| {ARCH_NAME[a]} | {layer.upper()} | {len(accs)} | {sum(accs) / len(accs):.1f} | "
+                    f"{min(accs):.1f}–{max(accs):.1f} | {paper} |"
+                )
     table = "\n".join(lines)
     atomic_write_text(args.out / "table1.md", table + "\n")
     atomic_write_text(

@@ -5,6 +5,7 @@
                                                   # evaluated at 2^6 … 2^20 (attention: --attn-max-length)
     python benchmarks/table11.py --models mamba --steps 4000
     python benchmarks/table11.py --paper --device cuda   # Appendix E.1 step counts, batch 8
+    python benchmarks/table11.py --models mamba,mamba2,hybrid --seeds 0,1,2   # one run per model × seed
 
 Each model is one ``ssmkit train`` run and one ``ssmkit eval`` run (subprocesses); long sequences are
 streamed through the recurrent state in chunks. Results: ``table11.md`` / ``table11.json`` in --out.
@@ -30,6 +31,8 @@ PAPER = {  # Gu & Dao (2023) Table 11, test accuracy (%) at 2^6 … 2^20; "✓" 
 }
 MODELS = {  # name -> (arch, layer, d_model, lr, paper steps: 25 or 50 epochs of 8192 steps)
     "mamba": ("mamba", "s6", 64, 1e-3, 25 * 8192),
+    "mamba2": ("mamba2", "ssd", 64, 1e-3, 25 * 8192),  # not in the paper's table: Mamba-2's mixer
+    "hybrid": ("hybrid", "none", 64, 1e-3, 25 * 8192),  # Mamba block, then attention without positions
     "mha-rope": ("attention", "rope", 128, 2e-4, 50 * 8192),
     "mha-abs": ("attention", "abs", 128, 2e-4, 25 * 8192),
 }
@@ -37,13 +40,24 @@ MODELS = {  # name -> (arch, layer, d_model, lr, paper steps: 25 or 50 epochs of
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="mamba,mha-rope", help="comma-separated: mamba, mha-rope, mha-abs")
+    p.add_argument(
+        "--models", default="mamba,mha-rope", help="comma-separated: mamba, mamba2, hybrid, mha-rope, mha-abs"
+    )
+    p.add_argument("--seeds", default="0", help="comma-separated seeds: one run per model and seed")
+    p.add_argument("--schedule", default="constant", help="ssmkit train --schedule (constant | wsd | cosine)")
+    p.add_argument(
+        "--ssm-lr-scale",
+        type=float,
+        default=1.0,
+        help="learning rate of the SSM parameters (A_log, D, Δ bias) as a multiple of the model's lr",
+    )
     p.add_argument("--steps", type=int, default=6000)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr-scale", type=float, default=1.0, help="multiply each model's paper learning rate")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--min-log2", type=int, default=6)
     p.add_argument("--max-log2", type=int, default=20)
+    p.add_argument("--eval-log2", default="", help="evaluate only these log2 lengths, e.g. 8,12,16,18,20")
     p.add_argument("--attn-max-length", type=int, default=2**14, help="the paper's attention limit: 2^14")
     p.add_argument("--examples", type=int, default=256, help="validation examples per length")
     p.add_argument("--max-tokens", type=int, default=2**23, help="cap examples at MAX_TOKENS // length")
@@ -65,12 +79,23 @@ def main() -> int:
     args = p.parse_args()
     if args.paper:
         args.batch_size, args.time_limit = 8, None
-    names = parse_list(args.models, str, "--models")
-    lengths = [2**k for k in range(args.min_log2, args.max_log2 + 1)]
+    models = parse_list(args.models, str, "--models")
+    for m in models:
+        if m not in MODELS:
+            raise SystemExit(f"error: --models: {m!r} is not one of {', '.join(MODELS)}")
+    seeds = parse_list(args.seeds, int, "--seeds")
+    names = [f"{m}-seed{s}" for m in models for s in seeds]
+    ks = (
+        parse_list(args.eval_log2, int, "--eval-log2")
+        if args.eval_log2
+        else list(range(args.min_log2, args.max_log2 + 1))
+    )
+    lengths = [2**k for k in ks]
     args.out.mkdir(parents=True, exist_ok=True)
 
     def commands(name: str) -> list[list[str]]:
-        arch, layer, d, lr, paper_steps = MODELS[name]
+        model, seed = name.rsplit("-seed", 1)
+        arch, layer, d, lr, paper_steps = MODELS[model]
         run = args.out / name
         th = ["--threads", str(args.threads)] if args.threads else []
         train = [
@@ -99,9 +124,12 @@ def main() -> int:
             "--lr",
             str(lr * args.lr_scale),
             "--schedule",
-            "constant",
+            args.schedule,
             "--warmup-steps",
             "100",
+            "--seed",
+            seed,
+            *(["--ssm-lr", str(lr * args.lr_scale * args.ssm_lr_scale)] if args.ssm_lr_scale != 1 else []),
             "--eval-every",
             "500",
             "--eval-examples",
@@ -114,7 +142,7 @@ def main() -> int:
             *th,
             *(["--time-limit-s", str(args.time_limit)] if args.time_limit else []),
         ]
-        max_len = args.attn_max_length if arch == "attention" else lengths[-1]
+        max_len = args.attn_max_length if arch in ("attention", "hybrid") else lengths[-1]
         ev = [
             sys.executable,
             "-m",
@@ -170,7 +198,7 @@ def main() -> int:
                     print(f"[table11] finished {item[1]} rc={item[0].returncode} in {dt:.0f}s", flush=True)
     header = (
         "| Model | steps | train wall (s) | "
-        + " | ".join(f"2^{k}" for k in range(args.min_log2, args.max_log2 + 1))
+        + " | ".join(f"2^{k}" for k in ks)
         + " |"
     )
     lines = [header, "|" + "---|" * (3 + len(lengths))]
@@ -190,8 +218,8 @@ def main() -> int:
         ]
         lines.append(f"| {name} (ours) | {s['step']} | {s['wall_s']:.0f} | " + " | ".join(cells) + " |")
         result[name] = {"summary": s, "rows": list(rows.values())}
-    for name in names:
-        paper = PAPER[name][args.min_log2 - 6 : args.max_log2 - 5]
+    for name in [m for m in models if m in PAPER]:
+        paper = [PAPER[name][k - 6] for k in ks]
         lines.append(
             f"| {name} (paper) | | | " + " | ".join("✗" if v is None else f"{v:.1f}" for v in paper) + " |"
         )

@@ -176,3 +176,34 @@ def test_sequence_model_attention_is_attention_only_like_the_papers_137k_baselin
     assert all(blk.mlp is None for blk in m.layers)
     with pytest.raises(ValueError, match="d_mlp"):
         TransformerBlock(8, n_head=2, d_mlp=-1)
+
+
+@pytest.mark.parametrize("positional", ["rope", "none"])
+def test_sequence_model_hybrid_interleaves_mamba_and_attention_and_streams(positional):
+    """arch "hybrid": Mamba blocks at even indices, attention-only blocks at odd ones (mamba-ssm's
+    attn_layer_idx = odd layers); the output is those blocks composed by hand in float64, and a chunked
+    and token-by-token pass through the cache gives the full forward."""
+    from ssmkit.layers.blocks import Block
+    from ssmkit.layers.mamba import Mamba
+    from ssmkit.models.sequence import SequenceModel, SequenceModelConfig
+
+    torch.manual_seed(0)
+    cfg = SequenceModelConfig(vocab_size=16, d_model=16, n_layer=4, arch="hybrid", layer=positional)
+    m = SequenceModel(cfg).double()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    assert [type(b) for b in m.layers] == [Block, TransformerBlock] * 2
+    assert isinstance(m.layers[0].mixer, Mamba) and m.layers[1].attn.positional == positional
+    ids = torch.randint(0, 16, (2, 11))
+    x = m.embedding(ids)
+    for blk in m.layers:
+        x = blk(x)
+    expected = m.lm_head(m.norm_f(x))
+    full = m(ids)
+    torch.testing.assert_close(full, expected, rtol=0, atol=0)
+    cache = m.new_cache(2)
+    parts = [m(ids[:, :5], cache=cache)] + [m(ids[:, t : t + 1], cache=cache) for t in range(5, 11)]
+    torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="hybrid"):
+        SequenceModelConfig(vocab_size=16, arch="hybrid", layer="abs")

@@ -86,15 +86,16 @@ def add_parser(sub) -> None:
     m = p.add_argument_group("model")
     m.add_argument(
         "--arch",
-        choices=["none", "h3", "mamba", "mamba2", "attention"],
+        choices=["none", "h3", "mamba", "mamba2", "attention", "hybrid"],
         default="mamba",
-        help="block architecture of a synthetic task's model (default: mamba)",
+        help="block architecture of a synthetic task's model; hybrid: Mamba blocks with attention blocks "
+        "at odd indices (default: mamba)",
     )
     m.add_argument(
         "--layer",
         default="s6",
         help="inner layer: s4d | s4 | s6 (ssd with --arch mamba2); with --arch attention the positions: "
-        "abs | rope (default: s6)",
+        "abs | rope | none, with --arch hybrid rope | none (default: s6)",
     )
     m.add_argument(
         "--headdim",

@@ -24,6 +24,9 @@ from ssmkit.layers.blocks import ARCHS, LAYERS, Block
 from ssmkit.layers.norm import RMSNorm
 from ssmkit.models.cache import Cache
 
+# absolute positions would be added to the embedding, under the Mamba blocks: hybrids take rope or none
+HYBRID_POSITIONALS = ("rope", "none")
+
 
 @dataclass
 class SequenceModelConfig:
@@ -36,10 +39,11 @@ class SequenceModelConfig:
     n_layer: int = 2
     """number of residual blocks."""
     arch: str = "mamba"
-    """block architecture: none | h3 | mamba | mamba2 | attention (Transformer baseline, 8 heads)."""
+    """block architecture: none | h3 | mamba | mamba2 | attention (Transformer baseline, 8 heads) |
+    hybrid (Mamba blocks at even indices, attention blocks at odd ones, as mamba-ssm's attn_layer_idx)."""
     layer: str = "s6"
-    """inner sequence layer: s4d | s4 | s6 (ssd with arch mamba2); for arch attention the positions:
-    abs | rope | none."""
+    """inner sequence layer: s4d | s4 | s6 (ssd with arch mamba2); for arch attention and hybrid the
+    attention's positions: abs | rope | none (hybrid: rope | none)."""
     d_state: int = 16
     """SSM state size N (even for s4d/s4)."""
     d_conv: int = 4
@@ -64,14 +68,13 @@ class SequenceModelConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
-        if self.arch == "attention":  # the Transformer baseline; layer = its positional encoding
-            if self.layer not in POSITIONALS:
-                raise ValueError(
-                    f"layer of arch 'attention' must be one of {POSITIONALS}, got {self.layer!r}"
-                )
+        if self.arch in ("attention", "hybrid"):  # layer = the attention's positional encoding
+            allowed = POSITIONALS if self.arch == "attention" else HYBRID_POSITIONALS
+            if self.layer not in allowed:
+                raise ValueError(f"layer of arch {self.arch!r} must be one of {allowed}, got {self.layer!r}")
             return
         if self.arch not in ARCHS:
-            raise ValueError(f"arch must be one of {ARCHS + ('attention',)}, got {self.arch!r}")
+            raise ValueError(f"arch must be one of {ARCHS + ('attention', 'hybrid')}, got {self.arch!r}")
         if self.layer not in LAYERS:
             raise ValueError(f"layer must be one of {LAYERS}, got {self.layer!r}")
         if (self.arch == "mamba2") != (self.layer == "ssd"):
@@ -103,10 +106,12 @@ class SequenceModel(nn.Module):
             )
         else:
             self.layers = nn.ModuleList(
-                Block(
+                TransformerBlock(c.d_model, N_HEAD, c.layer, d_mlp=0, **f)
+                if c.arch == "hybrid" and i % 2 == 1
+                else Block(
                     c.d_model,
-                    c.arch,
-                    c.layer,
+                    "mamba" if c.arch == "hybrid" else c.arch,
+                    "s6" if c.arch == "hybrid" else c.layer,
                     c.d_state,
                     c.d_conv,
                     c.expand,
@@ -117,7 +122,7 @@ class SequenceModel(nn.Module):
                     c.headdim,
                     **f,
                 )
-                for _ in range(c.n_layer)
+                for i in range(c.n_layer)
             )
         self.norm_f = RMSNorm(c.d_model, eps=c.norm_eps, **f)
         self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False, **f)
