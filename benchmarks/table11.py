@@ -196,11 +196,7 @@ def main() -> int:
                     running.remove(item)
                     dt = time.time() - item[2]
                     print(f"[table11] finished {item[1]} rc={item[0].returncode} in {dt:.0f}s", flush=True)
-    header = (
-        "| Model | steps | train wall (s) | "
-        + " | ".join(f"2^{k}" for k in ks)
-        + " |"
-    )
+    header = "| Model | steps | train wall (s) | " + " | ".join(f"2^{k}" for k in ks) + " |"
     lines = [header, "|" + "---|" * (3 + len(lengths))]
     result = {}
     for name in names:

@@ -312,6 +312,48 @@ def test_save_and_load_a_quantized_model(tmp_path, tie):
         engine.quantization_of(tmp_path / "missing.safetensors")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantized_model_folder_round_trip_through_save_and_from_pretrained(tmp_path, dtype):
+    """save_pretrained of a quantized model writes model.safetensors (int8 + scales) and config.json with
+    transformers' quantization_config key; from_pretrained / load_model give back the same quantized
+    model (every tensor bit-equal, the same logits, the fused step used); float-only paths refuse it."""
+    from ssmkit import load_model
+    from ssmkit.models.checkpoint import convert_checkpoint, load_checkpoint
+
+    model = engine.quantize(perturbed_model().to(dtype), "int8")
+    folder = tmp_path / "q"
+    (folder).mkdir()
+    (folder / "pytorch_model.bin").write_bytes(b"stale")  # an older float save in the same folder
+    model.save_pretrained(folder)
+    cfg = __import__("json").loads((folder / "config.json").read_text())
+    assert cfg["quantization_config"] == {"quant_method": "ssmkit", "scheme": engine.quant.SCHEME}
+    assert cfg["dtype"] == {torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype]
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    for loaded in (MambaLM.from_pretrained(folder).eval(), load_model(folder).eval()):
+        assert engine.is_quantized(loaded) and loaded.lm_head.scale.dtype == dtype
+        for (k1, v1), (k2, v2) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
+            assert k1 == k2 and v1.dtype == v2.dtype and torch.equal(v1, v2), k1
+        ids = torch.tensor([[3, 9, 27, 4]])
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(ids), model(ids), rtol=0, atol=0)
+            c1, c2 = model.new_cache(1), loaded.new_cache(1)
+            model(ids, cache=c1), loaded(ids, cache=c2)
+            tok = torch.tensor([[5]])
+            fused = engine.decode_step(loaded, tok, c2)  # the fused int8 step takes it
+            assert fused is not None
+            torch.testing.assert_close(fused, model(tok, cache=c1), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="quantized.*cannot be converted"):
+        convert_checkpoint(folder, tmp_path / "out", to="mamba-ssm")
+    with pytest.raises(ValueError, match="quantized"):
+        load_checkpoint(folder)
+    with pytest.raises(ValueError, match="format 'hf' only"):
+        model.save_pretrained(tmp_path / "m", format="mamba-ssm")
+    cfg["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_8bit": True}
+    (folder / "config.json").write_text(__import__("json").dumps(cfg))
+    with pytest.raises(ValueError, match="quant_method 'bitsandbytes' is not supported"):
+        MambaLM.from_pretrained(folder)
+
+
 # ---- accuracy of int8 on a trained model ---------------------------------------------------------------
 def _text_bytes() -> tuple[torch.Tensor, torch.Tensor]:
     """Training and held-out text: the sources of Python's json package (bytes), the last file held out."""

@@ -197,7 +197,8 @@ def quantization_of(path: str | Path) -> str | None:
 
 def load_quantized(model: nn.Module, path: str | Path) -> nn.Module:
     """Fill ``model`` — a freshly built float ``MambaLM`` of the checkpoint's configuration — from a file
-    written by :func:`save_quantized`: quantize its structure, then load every tensor strictly."""
+    written by :func:`save_quantized`: quantize its structure, then load every tensor strictly, each in
+    the dtype the file holds it in."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -219,6 +220,10 @@ def load_quantized(model: nn.Module, path: str | Path) -> nn.Module:
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if missing or unexpected:
         raise ValueError(f"{path}: missing keys {sorted(missing)}, unexpected keys {sorted(unexpected)}")
+    own = dict(model.named_parameters()) | dict(model.named_buffers())
+    for key, t in tensors.items():  # keep the file's dtypes (e.g. float32 A_log in a bfloat16 model)
+        if key in own and own[key].dtype != t.dtype:
+            own[key].data = t.to(own[key].device)
     if tied:  # load_state_dict copied into both buffers; share them again
         model.backbone.embedding.qweight = model.lm_head.qweight
         model.backbone.embedding.scale = model.lm_head.scale

@@ -416,9 +416,34 @@ def detect_format(d: dict[str, Any], where: str = "config.json") -> str:
     raise ValueError(f"{where} has neither 'hidden_size' (Hugging Face) nor 'd_model' (mamba-ssm)")
 
 
+QUANT_CONFIG_KEY = "quantization_config"  # transformers' key for a quantized checkpoint's scheme
+QUANT_METHOD = "ssmkit"  # its quant_method for ssmkit's weight-only int8 (ssmkit.engine.quant)
+
+
+def quantization_scheme(d: dict[str, Any], where: str = "config.json") -> str | None:
+    """The scheme of a config.json's ``quantization_config`` written by ssmkit (None when there is
+    none); ValueError for another library's quantization, which ssmkit cannot read."""
+    q = d.get(QUANT_CONFIG_KEY)
+    if q is None:
+        return None
+    if (
+        not isinstance(q, dict)
+        or q.get("quant_method") != QUANT_METHOD
+        or not isinstance(q.get("scheme"), str)
+    ):
+        method = q.get("quant_method") if isinstance(q, dict) else q
+        raise ValueError(
+            f"{where}: {QUANT_CONFIG_KEY} with quant_method {method!r} is not supported; ssmkit reads float "
+            f"weights and its own int8 ({{'quant_method': {QUANT_METHOD!r}, 'scheme': ...}})"
+        )
+    return q["scheme"]
+
+
 def config_from_file(d: dict[str, Any], where: str = "config.json") -> AnyMambaConfig:
     """MambaConfig (Mamba-1) or Mamba2Config from a config.json dict of either format, after checking its
-    model type."""
+    model type (an ssmkit ``quantization_config`` is checked and set aside: it describes the weights)."""
+    if quantization_scheme(d, where) is not None:
+        d = {k: v for k, v in d.items() if k != QUANT_CONFIG_KEY}
     found = model_type(d, where)
     if found not in MODEL_TYPES:
         raise ValueError(
@@ -594,7 +619,15 @@ def load_checkpoint(path: str | Path) -> tuple[AnyMambaConfig, dict[str, Tensor]
     ``MambaLM(config)`` with ``strict=True``. Raises FileNotFoundError / ValueError naming what is wrong.
     """
     folder = Path(path)
-    config = config_from_file(read_config(folder), str(folder / "config.json"))
+    raw = read_config(folder)
+    config = config_from_file(raw, str(folder / "config.json"))
+    scheme = quantization_scheme(raw, str(folder / "config.json"))
+    if scheme is not None:
+        raise ValueError(
+            f"{folder}: the weights are quantized ({scheme}, written by ssmkit.quantize + save_pretrained); "
+            "MambaLM.from_pretrained loads them, but they cannot be converted or read as float weights — "
+            "convert the float model instead"
+        )
     tensors, source = read_weights(folder)
     sd = {
         ("backbone.embedding.weight" if k == "backbone.embeddings.weight" else k): v
@@ -660,6 +693,28 @@ def save_checkpoint(
         )
     else:
         atomic_save(folder / "pytorch_model.bin", lambda tmp: torch.save(tensors, tmp))
+    _write_json(folder / "config.json", config_dict)
+
+
+def save_quantized_checkpoint(path: str | Path, model) -> None:
+    """Write a quantized ``MambaLM`` (``ssmkit.quantize``) as a folder: model.safetensors with the int8
+    weights and their scales (``ssmkit.engine.save_quantized``), then config.json in Hugging Face format
+    with the scheme under ``quantization_config`` (transformers' key for a quantized checkpoint).
+    transformers does not know this scheme: ``MambaForCausalLM.from_pretrained`` on such a folder reports
+    every matrix as missing (and the int8 tensors as unexpected) — load it with ssmkit."""
+    from ssmkit.engine.quant import SCHEME, save_quantized
+    from ssmkit.models.folder import dtype_name
+
+    config = model.config
+    config_dict = _config_dict(config, "hf")  # before any write: it can refuse the config
+    config_dict["dtype"] = dtype_name(model.lm_head.scale.dtype)
+    config_dict[QUANT_CONFIG_KEY] = {"quant_method": QUANT_METHOD, "scheme": SCHEME}
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in weight_files(folder, "mamba-ssm") + weight_files(folder, "hf"):
+        if stale.name != "model.safetensors":
+            stale.unlink()  # an old index or shards would shadow or contradict the new file
+    save_quantized(model, folder / "model.safetensors")
     _write_json(folder / "config.json", config_dict)
 
 

@@ -204,14 +204,20 @@ class MambaLM(GenerationMixin, nn.Module):
         Returns:
             the model in training mode; the weights are the checkpoint's, nothing is randomly initialised.
         """
-        from ssmkit.models.checkpoint import load_checkpoint
+        from ssmkit.models.checkpoint import config_from_file, load_checkpoint, quantization_scheme
         from ssmkit.models.folder import build_loaded, model_dtype, parse_dtype, read_config
         from ssmkit.models.hub import resolve
 
         if dtype is not None:
             parse_dtype(dtype)  # a bad argument is refused before anything is read or fetched
         folder = resolve(name_or_path, revision, cache_dir, local_files_only)
-        dtype = model_dtype(dtype, read_config(folder), str(folder / "config.json"))
+        raw = read_config(folder)
+        dtype = model_dtype(dtype, raw, str(folder / "config.json"))
+        if quantization_scheme(raw, str(folder / "config.json")) is not None:
+            from ssmkit.engine.quant import load_quantized
+
+            model = cls(config_from_file(raw, str(folder / "config.json"))).to(dtype)
+            return load_quantized(model, folder / "model.safetensors").to(device or "cpu")
         config, state_dict = load_checkpoint(folder)
         return build_loaded(lambda: cls(config), state_dict, dtype, device)
 
@@ -219,7 +225,15 @@ class MambaLM(GenerationMixin, nn.Module):
         """Write ``config.json`` + weights in the dtype the model holds; ``format="hf"``
         (model.safetensors, config.json ``"dtype"``; loads in transformers' ``MambaForCausalLM``) or
         ``"mamba-ssm"`` (pytorch_model.bin, mamba-ssm's ``from_pretrained``; its config.json has no dtype
-        key, so it loads as float32 unless ``dtype=`` is given)."""
-        from ssmkit.models.checkpoint import save_checkpoint
+        key, so it loads as float32 unless ``dtype=`` is given). A quantized model (``ssmkit.quantize``)
+        is written in Hugging Face layout with its int8 weights and scales and config.json's
+        ``quantization_config``; ``from_pretrained`` loads it back quantized (transformers cannot read it)."""
+        from ssmkit.engine.quant import is_quantized
+        from ssmkit.models.checkpoint import save_checkpoint, save_quantized_checkpoint
 
+        if is_quantized(self):
+            if format != "hf":
+                raise ValueError(f"a quantized model is saved in format 'hf' only, got format={format!r}")
+            save_quantized_checkpoint(path, self)
+            return
         save_checkpoint(path, self.config, self.state_dict(), format=format)
