@@ -145,3 +145,56 @@ def test_generate_rejects_oversized_tokenizer(tmp_path, capsys):
     assert main(["generate", str(tmp_path), "--prompt", "x"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "256 tokens" in err and err.count("\n") == 1
+
+
+def _greedy_text(model, prompt: str, n: int) -> str:
+    ids = torch.tensor([list(prompt.encode())])
+    out = model.generate(ids, n, temperature=0)
+    return ByteTokenizer().decode(out[0, ids.shape[1] :].tolist())
+
+
+@pytest.fixture
+def keep_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)  # --threads sets the process's torch threads
+
+
+def test_several_prompts_stop_strings_and_dtypes(byte_model_dir, capsys, keep_threads):
+    """Several --prompt flags print each prompt's own greedy continuation (as alone, in order); --stop cuts
+    the text before the stop string; --dtype bfloat16 / int8 decode what the library gives for the cast /
+    quantized model; --threads and --device are taken."""
+    from ssmkit import quantize
+
+    model = MambaLM.from_pretrained(byte_model_dir).eval()
+    prompts = ["ab", "Hello there"]
+    alone = [_greedy_text(model, p, 12) for p in prompts]
+    base = ["generate", str(byte_model_dir), "--max-new-tokens", "12", "--threads", "1", "--device", "cpu"]
+    out = run_cli(capsys, [*base, "--prompt", prompts[0], "--prompt", prompts[1]])
+    assert out == f"{prompts[0]}{alone[0]}\n\n{prompts[1]}{alone[1]}\n"
+    stop = alone[1][5:7]  # two characters from the middle of the second continuation
+    cut = [a[: a.find(stop)] if stop in a else a for a in alone]
+    out = run_cli(capsys, [*base, "--prompt", prompts[0], "--prompt", prompts[1], "--stop", stop])
+    assert out == f"{prompts[0]}{cut[0]}\n\n{prompts[1]}{cut[1]}\n"
+    streamed = run_cli(capsys, [*base, "--prompt", prompts[1], "--stop", stop, "--stream"])
+    assert streamed == f"{prompts[1]}{cut[1]}\n"
+    bf16 = _greedy_text(MambaLM.from_pretrained(byte_model_dir).to(torch.bfloat16).eval(), prompts[1], 12)
+    assert run_cli(capsys, [*base, "--prompt", prompts[1], "--dtype", "bfloat16"]) == prompts[1] + bf16 + "\n"
+    q = quantize(MambaLM.from_pretrained(byte_model_dir).eval(), "int8")
+    q8 = _greedy_text(q, prompts[1], 12)
+    assert run_cli(capsys, [*base, "--prompt", prompts[1], "--dtype", "int8"]) == prompts[1] + q8 + "\n"
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--prompt", "a", "--prompt", "b", "--stream"], "--stream prints one continuation"),
+        (["--prompt", "a", "--stop", ""], "--stop must be a non-empty string"),
+        (["--prompt", "a", "--interactive"], "leave out --prompt"),
+        (["--prompt", "a", "--device", "cuda:7"], "--device"),
+    ],
+)
+def test_generate_flag_errors_are_one_line(byte_model_dir, capsys, extra, match):
+    assert main(["generate", str(byte_model_dir), *extra]) == 1
+    err = capsys.readouterr().err
+    assert match in err and err.count("\n") == 1

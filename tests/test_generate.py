@@ -256,3 +256,48 @@ def test_ragged_bad_arguments():
         model.generate([[1]], 3, generator=[torch.Generator(), torch.Generator()])
     with pytest.raises(ValueError, match="list of prompts"):
         model.generate(torch.tensor([[1]]), 3, generator=[torch.Generator()])
+
+
+class _LetterTokenizer:
+    """Token id t decodes to one letter (a…z, cycling) — a tokenizer whose texts are easy to predict."""
+
+    def decode(self, ids):
+        return "".join(chr(ord("a") + i % 26) for i in ids)
+
+
+def _cut_at_stop(prompt_len, full, stops, tok):
+    """The independent expectation: the shortest prefix of the continuation whose text contains a stop."""
+    gen = full[prompt_len:]
+    for n in range(1, len(gen) + 1):
+        if any(s in tok.decode(gen[:n]) for s in stops):
+            return full[: prompt_len + n]
+    return full
+
+
+def test_stop_strings_end_each_row_at_the_token_that_completes_them(model):
+    tok = _LetterTokenizer()
+    prompts = [[1, 2], [3, 4, 5, 6], [7]]
+    alone = [model.generate(torch.tensor([p]), 12, temperature=0)[0].tolist() for p in prompts]
+    # stop strings taken from the middle of the continuations (two letters: spans a token boundary)
+    stops = [tok.decode(alone[0][2 + 4 : 2 + 6]), tok.decode(alone[1][4 + 7 : 4 + 8])]
+    expected = [_cut_at_stop(len(p), a, stops, tok) for p, a in zip(prompts, alone, strict=True)]
+    assert len(expected[0]) <= 2 + 6 and len(expected[1]) <= 4 + 8  # they do stop early
+    got = model.generate(prompts, 12, temperature=0, stop_strings=stops, tokenizer=tok)
+    assert [g.tolist() for g in got] == expected
+    one = model.generate(torch.tensor([prompts[0]]), 12, temperature=0, stop_strings=stops[0], tokenizer=tok)
+    assert one[0].tolist() == _cut_at_stop(2, alone[0], stops[:1], tok)
+    # a tensor batch: the stopped row is padded with eos while the other goes on
+    batch = torch.tensor([prompts[0][:2], prompts[1][:2]])
+    full = model.generate(batch, 10, temperature=0).tolist()
+    cut = _cut_at_stop(2, full[0], stops[:1], tok)
+    out = model.generate(batch, 10, temperature=0, stop_strings=stops[:1], tokenizer=tok, eos_token_id=99)
+    assert out[0].tolist()[: len(cut)] == cut and set(out[0].tolist()[len(cut) :]) <= {99}
+    assert out[1].tolist()[: len(_cut_at_stop(2, full[1], stops[:1], tok))] == _cut_at_stop(
+        2, full[1], stops[:1], tok
+    )
+    with pytest.raises(ValueError, match="needs tokenizer"):
+        model.generate(batch, 3, stop_strings=["x"])
+    with pytest.raises(ValueError, match="needs eos_token_id"):
+        model.generate(batch, 3, stop_strings=["x"], tokenizer=tok)
+    with pytest.raises(ValueError, match="non-empty strings"):
+        model.generate(batch[:1], 3, stop_strings=[""], tokenizer=tok)

@@ -18,14 +18,16 @@ Removed tokens get logit −inf; the next token is drawn with ``torch.multinomia
 never produced. Decoding: one prefill call on the whole prompt, then one call per new token, all through
 ``model(ids, cache=cache)``. Rows that emitted ``eos_token_id`` keep emitting it; the loop stops early
 once every row has finished. A list of prompts of different lengths is prefilled row by row, then
-decoded as one batch (``cache.cat``), each finished row leaving it at once (``cache.select``).
+decoded as one batch (``cache.cat``), each finished row leaving it at once (``cache.select``). Stop
+strings (transformers' ``stop_strings`` with its ``tokenizer``): a row also finishes with the token that
+completes one of them in its decoded continuation; the tokens are kept up to and including that one.
 
 Glossary: b batch, v vocabulary, θ repetition penalty, T temperature.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -170,6 +172,8 @@ def generate(
     eos_token_id: int | None = None,
     generator: torch.Generator | list[torch.Generator] | None = None,
     streamer: Callable[[Tensor], None] | None = None,
+    stop_strings: Sequence[str] | str | None = None,
+    tokenizer=None,
 ) -> Tensor | list[Tensor]:
     """Generate up to ``max_new_tokens`` tokens after each prompt.
 
@@ -187,24 +191,34 @@ def generate(
         generator: torch.Generator for the draws (seed it for reproducible output); for a list of prompts
             also a list with one generator per prompt, so that each row's text is what it would be alone.
         streamer: called after each step with the new tokens (b,) long (tensor batches only).
+        stop_strings: a string or strings; a row finishes once its continuation, decoded with
+            ``tokenizer``, contains one (in a tensor batch of several rows the finished row is padded
+            with ``eos_token_id``, which is then required).
+        tokenizer: has ``decode(list[int]) -> str``; needed with ``stop_strings``.
     Returns:
         for a tensor, (b, l + k) long: the prompts followed by the k <= max_new_tokens generated tokens;
         for a list, one 1-D long tensor per prompt: the prompt followed by its generated tokens.
     """
     vocab = model.config.vocab_size
     _check_args(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, eos_token_id, vocab)
+    stop = StopStrings(stop_strings, tokenizer)
     if isinstance(input_ids, (list, tuple)):
         if streamer is not None:
             raise ValueError("streamer is only supported for a (b, l) tensor of equal-length prompts")
         sampling = (temperature, top_k, top_p, min_p, repetition_penalty)
-        return _generate_ragged(model, input_ids, max_new_tokens, sampling, eos_token_id, generator)
+        return _generate_ragged(model, input_ids, max_new_tokens, sampling, eos_token_id, generator, stop)
     if isinstance(generator, (list, tuple)):
         raise ValueError("a list of generators needs a list of prompts (one generator per prompt)")
     check_input_ids(input_ids, vocab)
     sequences = input_ids.to(torch.long)  # (b, l)
     if max_new_tokens == 0:
         return sequences
-    b = sequences.shape[0]
+    b, l0 = sequences.shape
+    if stop and b > 1 and eos_token_id is None:
+        raise ValueError(
+            "stop_strings with a batch of several rows needs eos_token_id to pad the rows that stop "
+            "first (or pass a list of prompts: each row then ends on its own)"
+        )
     cache = model.new_cache(b)
     finished = torch.zeros(b, dtype=torch.bool, device=sequences.device)  # (b,)
     logits = model(sequences, cache=cache, num_last_tokens=1)[:, -1, :vocab]  # (b, v) prefill
@@ -216,6 +230,10 @@ def generate(
             token = torch.where(finished, torch.full_like(token, eos_token_id), token)
             finished |= token == eos_token_id
         sequences = torch.cat([sequences, token[:, None]], dim=1)  # (b, l + step + 1)
+        if stop:
+            for i in range(b):
+                if not finished[i] and stop.found(sequences[i, l0:].tolist()):
+                    finished[i] = True
         if streamer is not None:
             streamer(token)
         if step == max_new_tokens - 1 or bool(finished.all()):
@@ -224,7 +242,29 @@ def generate(
     return sequences
 
 
-def _generate_ragged(model, prompts, max_new_tokens, sampling, eos_token_id, generator) -> list[Tensor]:
+class StopStrings:
+    """The stop strings of one ``generate`` call: ``found(new_ids)`` is True once the decoded
+    continuation contains one of them (false-y when there are none)."""
+
+    def __init__(self, strings: Sequence[str] | str | None, tokenizer):
+        strings = [strings] if isinstance(strings, str) else list(strings or [])
+        if any(not isinstance(x, str) or not x for x in strings):
+            raise ValueError(f"stop_strings must be non-empty strings, got {strings!r}")
+        if strings and not callable(getattr(tokenizer, "decode", None)):
+            raise ValueError("stop_strings needs tokenizer= (an object with decode(list[int]) -> str)")
+        self.strings, self.tokenizer = strings, tokenizer
+
+    def __bool__(self) -> bool:
+        return bool(self.strings)
+
+    def found(self, new_ids: list[int]) -> bool:
+        text = self.tokenizer.decode(new_ids)
+        return any(x in text for x in self.strings)
+
+
+def _generate_ragged(
+    model, prompts, max_new_tokens, sampling, eos_token_id, generator, stop: StopStrings
+) -> list[Tensor]:
     """Prompts of different lengths: prefill each alone, batch their caches, decode together.
 
     The caches are joined with ``cache.cat`` and finished rows dropped with ``cache.select`` (the cache
@@ -247,6 +287,7 @@ def _generate_ragged(model, prompts, max_new_tokens, sampling, eos_token_id, gen
         raise ValueError(f"generator: got {len(gens)} generators for {len(rows)} prompts")
     if max_new_tokens == 0:
         return [r[0] for r in rows]
+    lengths = [r.shape[1] for r in rows]  # prompt lengths: the continuation starts there
     caches, logits = [], []
     for r in rows:  # prefill: each row on its own tokens only
         c = model.new_cache(1)
@@ -263,7 +304,12 @@ def _generate_ragged(model, prompts, max_new_tokens, sampling, eos_token_id, gen
         )  # (b,)
         for j, i in enumerate(active):
             rows[i] = torch.cat([rows[i], tokens[j : j + 1, None]], dim=1)  # (1, l_i + step + 1)
-        keep = [j for j, i in enumerate(active) if eos_token_id is None or int(tokens[j]) != eos_token_id]
+        keep = [
+            j
+            for j, i in enumerate(active)
+            if (eos_token_id is None or int(tokens[j]) != eos_token_id)
+            and not (stop and stop.found(rows[i][0, lengths[i] :].tolist()))
+        ]
         if step == max_new_tokens - 1 or not keep:
             break
         if len(keep) < len(active):  # finished rows leave the batch, their state is freed

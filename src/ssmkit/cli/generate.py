@@ -6,7 +6,11 @@ Thin: checks the sampling flags, resolves MODEL — a local folder, or a Hugging
 Hugging Face or mamba-ssm format, or a TransformerLM folder, told apart by config.json's model type) and
 the tokenizer (``ssmkit.data.tokenizer.load_tokenizer``: tokenizer.json if present, else bytes), and
 calls ``model.generate``. Prints the prompt followed by the continuation; ``--stream`` prints text as it
-comes.
+comes. Several ``--prompt`` flags are generated together (``generate`` on a list of prompts: each row
+prefilled on its own tokens, then decoded as one batch) and printed in order, separated by a blank line.
+``--stop`` ends a continuation at a string (OpenAI's ``stop``: the printed text ends before it).
+``--dtype`` casts (bfloat16) or quantizes (int8, ``ssmkit.quantize``) the loaded weights; ``--threads``
+and ``--device`` choose where it runs. ``--interactive`` reads prompts with readline (editing, history).
 
 Decoding settings, each taken from the first that sets it: the flag; the folder's generation_config.json
 (read as transformers reads it, ``ssmkit.models.folder.generation_defaults``: greedy unless do_sample is
@@ -18,6 +22,8 @@ from __future__ import annotations
 
 import math
 import sys
+
+from ssmkit.cli._args import int_at_least
 
 # ssmkit's decoding defaults, used when neither a flag nor generation_config.json sets a value
 DEFAULTS = {
@@ -57,7 +63,31 @@ def add_parser(sub) -> None:
         help="tokenizer.json file, folder or Hub id to use instead of MODEL's own (e.g. "
         "EleutherAI/gpt-neox-20b for the state-spaces/mamba-* repos, which ship none)",
     )
-    p.add_argument("--prompt", default=None, help="text to continue (required unless --interactive)")
+    p.add_argument(
+        "--prompt",
+        action="append",
+        default=None,
+        help="text to continue (required unless --interactive); repeat for several prompts, generated "
+        "as one batch and printed in order",
+    )
+    p.add_argument(
+        "--stop",
+        action="append",
+        default=None,
+        metavar="TEXT",
+        help="end a continuation where TEXT appears (not printed; \\n for a newline); repeatable",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "int8"],
+        default=None,
+        help="weights to decode with: float32, bfloat16, or int8 (weight-only, one scale per row — "
+        "ssmkit.quantize; Mamba-1 models); default: the folder's dtype",
+    )
+    p.add_argument(
+        "--threads", type=int_at_least(1), default=None, help="torch CPU threads (default: torch's)"
+    )
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     p.add_argument("--max-new-tokens", type=int, default=None, help="tokens to generate (default 50)")
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default 0: greedy)")
     p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens; 0 = off (default)")
@@ -114,19 +144,34 @@ def decoding_settings(args, folder, tokenizer) -> dict:
 
 
 def _run(args) -> int:
+    from ssmkit.cli._args import check_device
     from ssmkit.data.tokenizer import ByteTokenizer, load_tokenizer
     from ssmkit.models.hub import resolve, resolve_tokenizer
     from ssmkit.models.load import load_model
 
     if args.prompt is None and not args.interactive:
         raise ValueError("give --prompt TEXT or --interactive")
+    if args.interactive and args.prompt is not None:
+        raise ValueError("--interactive reads its prompts from the terminal; leave out --prompt")
+    if args.prompt is not None and len(args.prompt) > 1 and args.stream:
+        raise ValueError(
+            f"--stream prints one continuation as it comes; got {len(args.prompt)} --prompt flags"
+        )
+    args.stop = [x.replace("\\n", "\n") for x in args.stop or []]
+    if any(not x for x in args.stop):
+        raise ValueError("--stop must be a non-empty string")
     check_sampling(args)
+    check_device("--device", args.device)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         folder = resolve(args.model, revision=args.revision)
         tok_path = None if args.tokenizer is None else resolve_tokenizer(args.tokenizer)
     except ImportError as err:  # huggingface_hub missing: a user's setup, one line like other user errors
         raise ValueError(str(err)) from None
-    model = load_model(folder).eval()
+    model = to_dtype(load_model(folder), args.dtype, args.model).to(args.device).eval()
     tokenizer = load_tokenizer(folder) if tok_path is None else load_tokenizer(tok_path, required=True)
     if tokenizer.vocab_size > model.config.padded_vocab_size:
         raise ValueError(
@@ -142,11 +187,65 @@ def _run(args) -> int:
     args.settings = decoding_settings(args, folder, tokenizer)
     if args.interactive:
         return _interactive(model, tokenizer, args)
-    return _generate_one(model, tokenizer, args.prompt, args)
+    if len(args.prompt) > 1:
+        return _generate_many(model, tokenizer, args.prompt, args)
+    return _generate_one(model, tokenizer, args.prompt[0], args)
+
+
+def to_dtype(model, dtype: str | None, name: str):
+    """The loaded model in the weights ``--dtype`` asks for (None: as loaded)."""
+    import torch
+
+    from ssmkit.engine.quant import is_quantized, quantize
+
+    if dtype is None:
+        return model
+    if is_quantized(model):
+        if dtype != "int8":
+            raise ValueError(f"--dtype {dtype}: {name} holds int8 weights; load the float model instead")
+        return model
+    if dtype == "int8":
+        return quantize(model.float(), "int8")  # scales in float32, from float32 weights
+    return model.to(getattr(torch, dtype))
+
+
+def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    """``text`` up to the first stop string (excluded), and whether one was found."""
+    at = [i for i in (text.find(x) for x in stops) if i >= 0]
+    return (text[: min(at)], True) if at else (text, False)
+
+
+def _generate_many(model, tokenizer, prompts: list[str], args) -> int:
+    """Several prompts as one batch (``generate`` on a list); each printed with its continuation."""
+    import torch
+
+    ids = [tokenizer.encode(p) for p in prompts]
+    for i, x in enumerate(ids):
+        if not x:
+            raise ValueError(f"--prompt number {i + 1} encodes to no tokens")
+    gens = [torch.Generator().manual_seed(args.seed + i) for i in range(len(ids))]
+    settings = dict(args.settings)
+    outs = model.generate(
+        ids,
+        settings.pop("max_new_tokens"),
+        **settings,
+        generator=gens,
+        stop_strings=args.stop or None,
+        tokenizer=tokenizer,
+    )
+    for i, (prompt, x, out) in enumerate(zip(prompts, ids, outs, strict=True)):
+        text, _ = cut_at_stop(tokenizer.decode(out[len(x) :].tolist()), args.stop)
+        sys.stdout.write(("\n" if i else "") + prompt + text + "\n")
+    sys.stdout.flush()
+    return 0
 
 
 def _interactive(model, tokenizer, args) -> int:
     """Read prompts from stdin until an empty line or EOF; stream each continuation."""
+    try:
+        import readline  # noqa: F401  (line editing and history for input(), where the platform has it)
+    except ImportError:
+        pass
     print("[generate] interactive: type a prompt and press Enter; an empty line or Ctrl-D quits.", flush=True)
     args.stream = True
     while True:
@@ -172,14 +271,16 @@ def _generate_one(model, tokenizer, prompt: str, args) -> int:
 
     new_ids: list[int] = []
     printed = [0]  # characters of the continuation already printed (streaming)
+    hold = max((len(x) for x in args.stop), default=1) - 1  # a stop string may still be completing
 
     def stream(token):
         new_ids.append(int(token[0]))
-        text = tokenizer.decode(new_ids)
+        text, stopped = cut_at_stop(tokenizer.decode(new_ids), args.stop)
         if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            sys.stdout.write(text[printed[0] :])
+            upto = len(text) if stopped else max(printed[0], len(text) - hold)
+            sys.stdout.write(text[printed[0] : upto])
             sys.stdout.flush()
-            printed[0] = len(text)
+            printed[0] = upto
 
     if args.stream:
         sys.stdout.write(args.prompt)
@@ -191,8 +292,10 @@ def _generate_one(model, tokenizer, prompt: str, args) -> int:
         **settings,
         generator=generator,
         streamer=stream if args.stream else None,
+        stop_strings=args.stop or None,
+        tokenizer=tokenizer,
     )
-    continuation = tokenizer.decode(out[0, len(prompt_ids) :].tolist())
+    continuation, _ = cut_at_stop(tokenizer.decode(out[0, len(prompt_ids) :].tolist()), args.stop)
     if args.stream:
         sys.stdout.write(continuation[printed[0] :] + "\n")
     else:
