@@ -27,15 +27,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
-import subprocess
 import time
 
 import torch
 import torch.nn.functional as F
 
 from ssmkit import engine
+from ssmkit.bench.machine import cpu_model, read_bandwidth, weight_bytes
 from ssmkit.engine import decode as decode_mod
 from ssmkit.models.config import MambaConfig
 from ssmkit.models.mamba_lm import MambaLM
@@ -44,39 +43,6 @@ from ssmkit.utils import atomic_write_text, parse_list
 PATHS = ("module", "fused", "transformers")
 DTYPES = ("fp32", "bf16", "int8")
 VOCAB = 50280
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-    except OSError:
-        out = ""
-    for line in out.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
-
-
-def read_bandwidth(repeats: int = 21) -> tuple[float, float]:
-    """(median, best) GB/s of torch.sum over a 256 MiB float32 tensor."""
-    x = torch.ones(64 * 2**20)  # (2^26,) 256 MiB
-    x.sum()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        x.sum()
-        times.append(time.perf_counter() - t0)
-    return x.nbytes / statistics.median(times) / 1e9, x.nbytes / min(times) / 1e9
-
-
-def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of every distinct parameter and buffer: what one step reads (a tied table once, as the head)."""
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.nbytes
-    return total
 
 
 def ssmkit_model(dtype: str) -> MambaLM:

@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ssmkit.bench.machine import cpu_model
 from ssmkit.utils import atomic_write_text
 
 D_MODEL_INNER, D_STATE = 1536, 16
@@ -388,19 +389,6 @@ def main(argv=None) -> None:
     print(table)
     if args.write_docs:
         write_section(Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md", table)
-
-
-def cpu_model() -> str:
-    """The CPU's model name (as ``lscpu`` prints it), from /proc/cpuinfo."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
 def render(rows, limit, args, command, load) -> str:

@@ -24,13 +24,14 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from ssmkit.bench.machine import cpu_model
 
 H, P, N, G = 24, 64, 128, 1
 
@@ -121,17 +122,6 @@ def _timed(fn, clock) -> float:
     t0 = clock()
     fn()
     return clock() - t0
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    for line in out.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def main() -> None:
