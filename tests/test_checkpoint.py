@@ -207,6 +207,8 @@ def test_hf_config_consistency_checks():
     assert explicit.dt_rank == 3
     with pytest.raises(ValueError, match="intermediate_size"):
         checkpoint.config_from_hf({**good, "intermediate_size": 33})
+    # transformers builds the mixer from intermediate_size, whatever expand says
+    assert checkpoint.config_from_hf({**good, "expand": 16, "intermediate_size": 48}).d_inner == 48
     with pytest.raises(ValueError, match="hidden_act"):
         checkpoint.config_from_hf({**good, "hidden_act": "gelu"})
     with pytest.raises(ValueError, match="num_hidden_layers"):

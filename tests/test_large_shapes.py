@@ -95,3 +95,31 @@ def test_a_sharded_folder_is_checked_from_headers_alone(name, tmp_path):
     _write_header_only_safetensors(tmp_path / "model-00001-of-00002.safetensors", {k: bad[k] for k in keys})
     with pytest.raises(ValueError, match=r"mis-shaped keys \[backbone.layers.3.mixer.out_proj.weight"):
         checkpoint.inspect_checkpoint(tmp_path)
+
+
+# tiiuae/falcon-mamba-7b's config.json as published on the Hub (transformers 4.43.0.dev0 wrote it): note
+# "expand": 16 beside "intermediate_size": 8192 = 2 × 4096 — transformers builds from intermediate_size.
+FALCON_MAMBA_7B_CONFIG = {
+    "architectures": ["FalconMambaForCausalLM"], "bos_token_id": 0, "conv_kernel": 4, "eos_token_id": 11,
+    "expand": 16, "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.1,
+    "intermediate_size": 8192, "layer_norm_epsilon": 1e-05, "model_type": "falcon_mamba",
+    "num_hidden_layers": 64, "pad_token_id": 11, "rescale_prenorm_residual": False, "residual_in_fp32": True,
+    "state_size": 16, "tie_word_embeddings": False, "time_step_floor": 0.0001,
+    "time_step_init_scheme": "random", "time_step_max": 0.1, "time_step_min": 0.001, "time_step_rank": 256,
+    "time_step_scale": 1.0, "torch_dtype": "bfloat16", "transformers_version": "4.43.0.dev0",
+    "use_bias": False, "use_cache": True, "use_conv_bias": True, "vocab_size": 65024,
+}  # fmt: skip
+
+
+def test_the_published_falcon_mamba_7b_config_reads_as_transformers_reads_it():
+    """intermediate_size decides the inner width (expand 16 in the file is not used by transformers)."""
+    config = checkpoint.config_from_hf(FALCON_MAMBA_7B_CONFIG, "falcon-mamba-7b/config.json")
+    assert config.d_inner == 8192 and config.expand == 2 and config.mixer_rms_eps == 1e-6
+    assert dataclasses.replace(config, dt_rank=256) == dataclasses.replace(
+        SHAPES["falcon-mamba-7b"][0], dt_rank=256
+    )
+    transformers = pytest.importorskip("transformers")
+    theirs = transformers.FalconMambaConfig(**FALCON_MAMBA_7B_CONFIG)
+    assert theirs.intermediate_size == config.d_inner and theirs.time_step_rank == 256
+    with pytest.raises(ValueError, match="intermediate_size=8000 must be a positive multiple of hidden_size"):
+        checkpoint.config_from_hf({**FALCON_MAMBA_7B_CONFIG, "intermediate_size": 8000})

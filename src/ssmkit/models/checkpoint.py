@@ -24,13 +24,12 @@ built, and every missing, unexpected and mis-shaped key is reported by name — 
 Writes are atomic (``ssmkit.utils.atomic_save``). Nothing is fetched from the network.
 
 Field mapping (ours = mamba-ssm's names; HF name in brackets): d_model [hidden_size], n_layer
-[num_hidden_layers], d_state [state_size], d_conv [conv_kernel], expand [expand, intermediate_size =
-expand·hidden_size], dt_rank [time_step_rank], dt_min/dt_max [time_step_min/max], dt_init
-[time_step_init_scheme], dt_scale [time_step_scale], dt_init_floor [time_step_floor], conv_bias
-[use_conv_bias], bias [use_bias], norm_eps [layer_norm_epsilon], residual_in_fp32 [same],
-tie_embeddings [tie_word_embeddings]. HF stores the padded vocabulary only, so a model read from HF
-format has vocab_size = the padded size.
-"""
+[num_hidden_layers], d_state [state_size], d_conv [conv_kernel], expand [intermediate_size / hidden_size
+when the file has intermediate_size — transformers builds from it — else expand], dt_rank
+[time_step_rank], dt_min/dt_max [time_step_min/max], dt_init [time_step_init_scheme], dt_scale
+[time_step_scale], dt_init_floor [time_step_floor], conv_bias [use_conv_bias], bias [use_bias], norm_eps
+[layer_norm_epsilon], residual_in_fp32 [same], tie_embeddings [tie_word_embeddings]. HF stores the padded
+vocabulary only, so a model read from HF format has vocab_size = the padded size."""
 
 from __future__ import annotations
 
@@ -77,8 +76,9 @@ _HF_MAPPED = {
     "residual_in_fp32": "residual_in_fp32",
     "tie_word_embeddings": "tie_embeddings",
 }
-# HF keys read and checked here: model_type, hidden_act (must be silu), intermediate_size (must be
-# expand·hidden_size), pad_vocab_size_multiple (kept when it divides the padded vocabulary).
+# HF keys read and checked here: model_type, hidden_act (must be silu), intermediate_size (a multiple of
+# hidden_size; it decides the inner width, as in transformers), pad_vocab_size_multiple (kept when it
+# divides the padded vocabulary).
 _HF_CHECKED = {"model_type", "hidden_act", "intermediate_size", "pad_vocab_size_multiple"}
 # HF keys accepted and ignored, deliberately: they do not change what the weights compute. transformers'
 # MambaConfig switches (cache, initialisation, which scan implementation), the generic keys every
@@ -211,6 +211,9 @@ def config_from_hf(d: dict[str, Any], where: str = "Hugging Face config.json") -
     extra = {"mixer_rms_eps", "use_falcon_mambapy"} if falcon else set()
     _check_hf_keys(d, where, "Mamba", _HF_MAPPED, _HF_CHECKED | _HF_IGNORED | extra)
     kwargs = {ours: d[hf] for hf, ours in _HF_MAPPED.items() if hf in d}
+    expand = _hf_expand(d, where)
+    if expand is not None:
+        kwargs["expand"] = expand
     kwargs.setdefault("bias", False)  # transformers' default (some 5.x-era versions differed; be explicit)
     kwargs.setdefault("tie_embeddings", True)
     if falcon:
@@ -222,12 +225,29 @@ def config_from_hf(d: dict[str, Any], where: str = "Hugging Face config.json") -
     )
     if config.dt_rank == math.ceil(config.d_model / 16):
         config = dataclasses.replace(config, dt_rank="auto")  # HF stores the resolved rank; keep round trips
-    if "intermediate_size" in d and d["intermediate_size"] != config.d_inner:
-        raise ValueError(
-            f"{where}: intermediate_size={d['intermediate_size']!r} must equal expand*hidden_size = "
-            f"{config.d_inner}"
-        )
     return config
+
+
+def _hf_expand(d: dict[str, Any], where: str) -> int | None:
+    """The inner width as ``expand``: transformers builds the mixer from ``intermediate_size`` when the
+    file has it (its config sets intermediate_size = expand·hidden_size, then the file's own value
+    replaces it), so that key decides and ``expand`` is ignored — tiiuae/falcon-mamba-7b's config.json
+    says expand 16 beside intermediate_size 8192 = 2 × 4096, and its weights are 8192 wide."""
+    width, hidden = d.get("intermediate_size"), d.get("hidden_size")
+    if width is None:
+        return None
+    if (
+        not isinstance(width, int)
+        or not isinstance(hidden, int)
+        or width <= 0
+        or hidden <= 0
+        or width % hidden
+    ):
+        raise ValueError(
+            f"{where}: intermediate_size={width!r} must be a positive multiple of hidden_size={hidden!r} "
+            "(ssmkit holds the inner width as expand·hidden_size)"
+        )
+    return width // hidden
 
 
 def _refuse_hybrid_in_hf(config: AnyMambaConfig) -> None:
