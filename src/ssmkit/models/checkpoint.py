@@ -234,8 +234,8 @@ def _hf_expand(d: dict[str, Any], where: str) -> int | None:
     replaces it), so that key decides and ``expand`` is ignored — tiiuae/falcon-mamba-7b's config.json
     says expand 16 beside intermediate_size 8192 = 2 × 4096, and its weights are 8192 wide."""
     width, hidden = d.get("intermediate_size"), d.get("hidden_size")
-    if width is None:
-        return None
+    if width is None or not isinstance(hidden, int) or isinstance(hidden, bool) or hidden <= 0:
+        return None  # a hidden_size of the wrong type is named by the config's own check
     if (
         not isinstance(width, int)
         or not isinstance(hidden, int)

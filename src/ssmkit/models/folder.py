@@ -235,20 +235,56 @@ def generation_defaults(folder: str | Path) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------- reading weights
+# safetensors dtype names -> torch dtypes (the ones a model checkpoint holds)
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}  # fmt: skip
+
+
 def read_safetensors(file: Path) -> dict[str, Tensor]:
     """All tensors of a safetensors file; ValueError naming the file when it is empty or not readable
-    (e.g. truncated by an interrupted download or copy)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    (e.g. truncated by an interrupted download or copy).
+
+    The file is validated by safetensors, then each tensor is read with ``readinto`` straight into its
+    own freshly allocated tensor: the process holds the weights once — no mapping of the file stays
+    resident beside the copies (what made a memory-mapped load peak near 1.4–2 × the weights)."""
+    import json
+    import struct
+
+    from safetensors import SafetensorError, safe_open
 
     if file.stat().st_size == 0:
         raise ValueError(f"{file} is empty (0 bytes); expected safetensors weights")
     try:
-        return load_file(file)
+        with safe_open(str(file), framework="pt"):
+            pass  # the header and the file's size are checked here
     except SafetensorError as err:
         raise ValueError(
             f"{file} is not a readable safetensors file ({err}); it may be truncated — copy or save it again"
         ) from None
+    out: dict[str, Tensor] = {}
+    with open(file, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(n))
+        base = 8 + n
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+            if dtype is None:
+                raise ValueError(
+                    f"{file}: tensor {key!r} has dtype {info['dtype']}, which ssmkit does not read"
+                )
+            t = torch.empty(info["shape"], dtype=dtype)
+            start, end = info["data_offsets"]
+            if t.numel():
+                fh.seek(base + start)
+                if fh.readinto(t.view(-1).view(torch.uint8).numpy()) != end - start:
+                    raise ValueError(f"{file}: tensor {key!r} is cut short; the file may be truncated")
+            out[key] = t
+    return out
 
 
 def check_safetensors(file: Path) -> None:
@@ -372,7 +408,8 @@ def build_loaded(
     device: torch.device | str | None = None,
 ) -> nn.Module:
     """``build()`` run on the meta device (no memory, no random initialisation), then given the tensors
-    of ``state_dict`` (strict: every key, none extra), cast to ``dtype`` and moved to ``device``.
+    of ``state_dict`` (strict: every key, none extra), cast to ``dtype`` and moved to ``device``;
+    ``state_dict`` is emptied on the way (each tensor leaves it once copied).
 
     Parameters keep their Python attributes (optimiser metadata such as ``_no_weight_decay``), and a
     parameter that ``build()`` shares between modules (a tied LM head) stays one parameter.
@@ -385,12 +422,18 @@ def build_loaded(
     for name, p in params:
         first.setdefault(id(p), name)
     shared = {name: first[id(p)] for name, p in params if first[id(p)] != name}
-    # each tensor copied into fresh memory of the model's dtype: a tensor read from a file may sit at an
-    # offset in the file's buffer, and unaligned weights can take other (differently rounded) CPU paths
-    tensors = {
-        k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype, copy=True)
-        for k, v in state_dict.items()
-    }
+    # every tensor ends in memory of its own, of the model's dtype: one that shares a buffer (a view into
+    # a file's or a pickle's storage) is copied — unaligned weights can take other, differently rounded,
+    # CPU paths — and one that already owns its memory (read_safetensors' tensors) is kept as it is. The
+    # tensors leave ``state_dict`` one by one, so a replaced one is freed at once and the weights are
+    # held about once, not twice (benchmarks/bench_load_memory.py).
+    tensors = {}
+    for k in list(state_dict):
+        v = state_dict.pop(k)
+        owns = v.storage_offset() == 0 and v.is_contiguous() and v.untyped_storage().nbytes() == v.nbytes
+        target = dtype if v.is_floating_point() else v.dtype
+        tensors[k] = v.to(device=device, dtype=target, copy=not owns)
+        del v
     model.load_state_dict(tensors, strict=True, assign=True)
     for name, p in model.named_parameters(remove_duplicate=False):
         p.__dict__.update(attrs[name])
