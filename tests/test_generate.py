@@ -301,3 +301,31 @@ def test_stop_strings_end_each_row_at_the_token_that_completes_them(model):
         model.generate(batch, 3, stop_strings=["x"], tokenizer=tok)
     with pytest.raises(ValueError, match="non-empty strings"):
         model.generate(batch[:1], 3, stop_strings=[""], tokenizer=tok)
+
+
+def test_a_padded_batch_with_an_attention_mask_generates_each_row_as_alone(model):
+    """transformers' convention: a padded (b, l) batch and its 0/1 mask (left or right padding); each row
+    gets exactly the tokens of its prompt generated alone, appended after the row as given."""
+    prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
+    alone = [model.generate(torch.tensor([p]), 6, temperature=0)[0, len(p) :].tolist() for p in prompts]
+    l = 5
+    left = torch.tensor([[0] * (l - len(p)) + p for p in prompts])
+    left_mask = torch.tensor([[0] * (l - len(p)) + [1] * len(p) for p in prompts])
+    right = torch.tensor([p + [0] * (l - len(p)) for p in prompts])
+    right_mask = torch.tensor([[1] * len(p) + [0] * (l - len(p)) for p in prompts])
+    for ids, mask in ((left, left_mask), (right, right_mask)):
+        out = model.generate(ids, 6, temperature=0, attention_mask=mask)
+        assert out.shape == (3, l + 6)
+        assert torch.equal(out[:, :l], ids) and out[:, l:].tolist() == alone
+    # rows that end early are right-padded with pad_token_id (default: eos)
+    eos = alone[1][2]
+    out = model.generate(left, 6, temperature=0, attention_mask=left_mask, eos_token_id=eos, pad_token_id=0)
+    for row, gen in zip(out[:, l:].tolist(), alone, strict=True):
+        n = gen.index(eos) + 1 if eos in gen else len(gen)
+        assert row[:n] == gen[:n] and set(row[n:]) <= {0}
+    with pytest.raises(ValueError, match="attention_mask must be a tensor of input_ids' shape"):
+        model.generate(left, 2, attention_mask=left_mask[:, :3])
+    with pytest.raises(ValueError, match="only 0"):
+        model.generate(left, 2, attention_mask=left_mask * 2)
+    with pytest.raises(ValueError, match="at least one prompt token"):
+        model.generate(left, 2, attention_mask=torch.zeros_like(left_mask))

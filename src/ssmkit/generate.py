@@ -174,6 +174,8 @@ def generate(
     streamer: Callable[[Tensor], None] | None = None,
     stop_strings: Sequence[str] | str | None = None,
     tokenizer=None,
+    attention_mask: Tensor | None = None,
+    pad_token_id: int | None = None,
 ) -> Tensor | list[Tensor]:
     """Generate up to ``max_new_tokens`` tokens after each prompt.
 
@@ -195,13 +197,26 @@ def generate(
             ``tokenizer``, contains one (in a tensor batch of several rows the finished row is padded
             with ``eos_token_id``, which is then required).
         tokenizer: has ``decode(list[int]) -> str``; needed with ``stop_strings``.
+        attention_mask: (b, l) of 0/1 beside a padded ``input_ids`` batch (transformers' convention: 1 =
+            a prompt token, 0 = padding, on either side): each row is generated from its own tokens
+            only, exactly as that prompt alone (it goes through the list-of-prompts path).
+        pad_token_id: fills the generated part of rows that finished early in a masked batch (default:
+            ``eos_token_id``; required when rows can end at different lengths and there is none).
     Returns:
-        for a tensor, (b, l + k) long: the prompts followed by the k <= max_new_tokens generated tokens;
+        for a tensor, (b, l + k) long: the prompts followed by the k <= max_new_tokens generated tokens
+        (with ``attention_mask``: each input row as given, padding included, then its tokens, right-padded
+        with ``pad_token_id`` to the longest);
         for a list, one 1-D long tensor per prompt: the prompt followed by its generated tokens.
     """
     vocab = model.config.vocab_size
     _check_args(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, eos_token_id, vocab)
     stop = StopStrings(stop_strings, tokenizer)
+    if attention_mask is not None:
+        return _generate_masked(
+            model, input_ids, attention_mask, max_new_tokens, pad_token_id, eos_token_id, generator,
+            dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                 repetition_penalty=repetition_penalty, stop_strings=stop_strings, tokenizer=tokenizer),
+        )  # fmt: skip
     if isinstance(input_ids, (list, tuple)):
         if streamer is not None:
             raise ValueError("streamer is only supported for a (b, l) tensor of equal-length prompts")
@@ -240,6 +255,31 @@ def generate(
             break
         logits = model(token[:, None], cache=cache)[:, -1, :vocab]  # (b, v) one-token decode
     return sequences
+
+
+def _generate_masked(model, input_ids, mask, max_new_tokens, pad_token_id, eos_token_id, generator, kw):
+    """A padded (b, l) batch with its attention mask: each row's unmasked tokens as one prompt of the
+    list path, the results put back after the rows as given and right-padded with ``pad_token_id``."""
+    check_input_ids(input_ids, model.config.vocab_size)
+    if not isinstance(mask, Tensor) or mask.shape != input_ids.shape:
+        got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+        raise ValueError(
+            f"attention_mask must be a tensor of input_ids' shape {tuple(input_ids.shape)}, got {got}"
+        )
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError("attention_mask must hold only 0 (padding) and 1 (prompt tokens)")
+    keep = mask.bool()
+    if not bool(keep.any(dim=1).all()):
+        raise ValueError("attention_mask: every row needs at least one prompt token (a 1)")
+    prompts = [input_ids[i][keep[i]] for i in range(input_ids.shape[0])]
+    outs = generate(model, prompts, max_new_tokens, eos_token_id=eos_token_id, generator=generator, **kw)
+    new = [o[len(p) :] for o, p in zip(outs, prompts, strict=True)]
+    width = max(len(t) for t in new)
+    pad = eos_token_id if pad_token_id is None else pad_token_id
+    if pad is None and any(len(t) < width for t in new):
+        raise ValueError("rows ended at different lengths: give pad_token_id (or eos_token_id) to pad them")
+    rows = [torch.cat([t, torch.full((width - len(t),), pad if pad is not None else 0)]) for t in new]
+    return torch.cat([input_ids.to(torch.long), torch.stack(rows).to(input_ids.device)], dim=1)
 
 
 class StopStrings:
