@@ -269,18 +269,22 @@ def _generate_one(model, tokenizer, prompt: str, args) -> int:
     input_ids = torch.tensor([prompt_ids], dtype=torch.long)
     generator = torch.Generator().manual_seed(args.seed)
 
+    from ssmkit.serve.text import StopMatcher
+
     new_ids: list[int] = []
-    printed = [0]  # characters of the continuation already printed (streaming)
-    hold = max((len(x) for x in args.stop), default=1) - 1  # a stop string may still be completing
+    decoded = [0]  # characters of the continuation already handed to the stop matcher
+    printed = [0]  # characters of the continuation printed (streaming)
+    matcher = StopMatcher(tuple(args.stop))  # holds back text that may be the start of a stop string
 
     def stream(token):
         new_ids.append(int(token[0]))
-        text, stopped = cut_at_stop(tokenizer.decode(new_ids), args.stop)
+        text = tokenizer.decode(new_ids)
         if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            upto = len(text) if stopped else max(printed[0], len(text) - hold)
-            sys.stdout.write(text[printed[0] : upto])
+            piece, _ = matcher.push(text[decoded[0] :])
+            decoded[0] = len(text)
+            sys.stdout.write(piece)
             sys.stdout.flush()
-            printed[0] = upto
+            printed[0] += len(piece)
 
     if args.stream:
         sys.stdout.write(args.prompt)
