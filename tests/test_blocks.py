@@ -184,3 +184,51 @@ def test_mamba2_parameters_carry_no_weight_decay_in_the_optimiser_groups():
     mixer = model.layers[0].mixer
     assert {id(mixer.A_log), id(mixer.D), id(mixer.dt_bias)} <= no_decay
     assert id(mixer.in_proj.weight) not in no_decay
+
+
+def _s6_loop(s6: S6, x: torch.Tensor) -> torch.Tensor:
+    """The selective SSM of the Mamba paper (Algorithm 2) as a float64 loop over time: x (b, l, d)."""
+    n = s6.A_log.shape[-1]
+    delta, B, C = torch.split(x @ s6.x_proj.weight.t(), [s6.dt_rank, n, n], dim=-1)
+    dt = F.softplus(delta @ s6.dt_proj.weight.t() + s6.dt_proj.bias)  # (b, l, d)
+    A = -torch.exp(s6.A_log)  # (d, n)
+    h = torch.zeros(x.shape[0], x.shape[2], n, dtype=torch.float64)
+    out = []
+    for t in range(x.shape[1]):
+        h = torch.exp(dt[:, t, :, None] * A) * h + dt[:, t, :, None] * B[:, t, None, :] * x[:, t, :, None]
+        out.append((h * C[:, t, None, :]).sum(-1) + s6.D * x[:, t])
+    return torch.stack(out, 1)  # (b, l, d)
+
+
+def _rms(x, w, eps):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+@pytest.mark.parametrize("arch", ["none", "h3"])
+def test_no_gate_and_h3_blocks_with_s6_are_the_papers_definitions(arch):
+    """Table 1's No-gate and H3 blocks with the S6 layer, re-stated in float64 from their definitions —
+    no gate: x + W_o GELU(S6(RMSNorm x)); H3 (head size 1): x + W_o (q ⊙ S6(shift(k) ⊙ v)) with q, k, v
+    linear maps of RMSNorm x and shift a causal FIR filter of width d_conv — on perturbed weights, so a
+    swapped projection, a missing bias or an acausal shift would show."""
+    torch.manual_seed(5)
+    blk = Block(8, arch, "s6", d_state=4, d_conv=3, dtype=torch.float64)
+    with torch.no_grad():
+        for p in blk.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+        x = torch.randn(2, 10, 8, dtype=torch.float64)
+        u = _rms(x, blk.norm.weight, blk.norm.eps)
+        mix = blk.mixer
+        if arch == "none":
+            y = F.gelu(_s6_loop(mix.ssm, u)) @ mix.out_proj.weight.t() + mix.out_proj.bias
+        else:
+            q, k, v = (u @ lin.weight.t() + lin.bias for lin in (mix.q_proj, mix.k_proj, mix.v_proj))
+            w = mix.shift.weight[:, 0, :]  # (d, width): y_t = Σ_j w_j k_{t-width+1+j}
+            width = w.shape[-1]
+            shifted = torch.zeros_like(k)
+            for t in range(k.shape[1]):
+                for j in range(width):
+                    s = t - width + 1 + j
+                    if s >= 0:
+                        shifted[:, t] += w[:, j] * k[:, s]
+            y = (q * _s6_loop(mix.ssm, shifted * v)) @ mix.out_proj.weight.t() + mix.out_proj.bias
+        torch.testing.assert_close(blk(x), x + y, rtol=1e-10, atol=1e-10)
