@@ -44,6 +44,8 @@ def main() -> int:
         "--models", default="mamba,mha-rope", help="comma-separated: mamba, mamba2, hybrid, mha-rope, mha-abs"
     )
     p.add_argument("--seeds", default="0", help="comma-separated seeds: one run per model and seed")
+    p.add_argument("--dt-min", type=float, default=None, help="ssmkit train --dt-min (smallest initial Δ)")
+    p.add_argument("--dt-max", type=float, default=None, help="ssmkit train --dt-max (largest initial Δ)")
     p.add_argument("--schedule", default="constant", help="ssmkit train --schedule (constant | wsd | cosine)")
     p.add_argument(
         "--ssm-lr-scale",
@@ -129,6 +131,8 @@ def main() -> int:
             "100",
             "--seed",
             seed,
+            *(["--dt-min", str(args.dt_min)] if args.dt_min is not None else []),
+            *(["--dt-max", str(args.dt_max)] if args.dt_max is not None else []),
             *(["--ssm-lr", str(lr * args.lr_scale * args.ssm_lr_scale)] if args.ssm_lr_scale != 1 else []),
             "--eval-every",
             "500",
