@@ -212,6 +212,8 @@ def generate(
     _check_args(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, eos_token_id, vocab)
     stop = StopStrings(stop_strings, tokenizer)
     if attention_mask is not None:
+        if streamer is not None:
+            raise ValueError("streamer is not supported with attention_mask (each row is generated alone)")
         return _generate_masked(
             model, input_ids, attention_mask, max_new_tokens, pad_token_id, eos_token_id, generator,
             dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
