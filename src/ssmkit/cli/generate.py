@@ -209,15 +209,11 @@ def to_dtype(model, dtype: str | None, name: str):
     return model.to(getattr(torch, dtype))
 
 
-def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
-    """``text`` up to the first stop string (excluded), and whether one was found."""
-    at = [i for i in (text.find(x) for x in stops) if i >= 0]
-    return (text[: min(at)], True) if at else (text, False)
-
-
 def _generate_many(model, tokenizer, prompts: list[str], args) -> int:
     """Several prompts as one batch (``generate`` on a list); each printed with its continuation."""
     import torch
+
+    from ssmkit.serve.text import StopMatcher
 
     ids = [tokenizer.encode(p) for p in prompts]
     for i, x in enumerate(ids):
@@ -234,7 +230,7 @@ def _generate_many(model, tokenizer, prompts: list[str], args) -> int:
         tokenizer=tokenizer,
     )
     for i, (prompt, x, out) in enumerate(zip(prompts, ids, outs, strict=True)):
-        text, _ = cut_at_stop(tokenizer.decode(out[len(x) :].tolist()), args.stop)
+        text, _ = StopMatcher(tuple(args.stop)).push(tokenizer.decode(out[len(x) :].tolist()), final=True)
         sys.stdout.write(("\n" if i else "") + prompt + text + "\n")
     sys.stdout.flush()
     return 0
@@ -299,7 +295,9 @@ def _generate_one(model, tokenizer, prompt: str, args) -> int:
         stop_strings=args.stop or None,
         tokenizer=tokenizer,
     )
-    continuation, _ = cut_at_stop(tokenizer.decode(out[0, len(prompt_ids) :].tolist()), args.stop)
+    continuation, _ = StopMatcher(tuple(args.stop)).push(
+        tokenizer.decode(out[0, len(prompt_ids) :].tolist()), final=True
+    )  # the text before the first stop string
     if args.stream:
         sys.stdout.write(continuation[printed[0] :] + "\n")
     else:
