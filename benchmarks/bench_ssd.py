@@ -5,7 +5,7 @@ softplus(Δ + dt_bias), the D skip, at l ∈ {512, 2048, 8192}, forward and forw
 back to x, Δ, A, B, C, D and dt_bias). All implementations run side by side in one process with the
 same thread count (2 by default); each number is the median of the timed runs after one warm-up:
 
-    ours (chunk L)        ssmkit.ssd(..., backend="chunked", chunk_size=L)    pure PyTorch, block form
+    ours (chunk L)        ssmkit's chunked backend at chunk length L             pure PyTorch, block form
     transformers          transformers' ``mamba2_chunk_scan`` torch path (Mamba2Mixer's CPU path), L=256
     Listing 1             Dao & Gu (2024) Listing 1, the literal transcription tests/test_ssd.py checks
                           against, on pre-discretised inputs (Δ, softplus and D done outside), L=256
@@ -61,9 +61,12 @@ def make_inputs(l: int, requires_grad: bool, seed: int = 0) -> dict:
 
 
 def run_ours(kw: dict, chunk: int) -> torch.Tensor:
-    from ssmkit.scan.ssd import ssd
+    """ssmkit's chunked backend at exactly ``chunk`` (``ssd`` itself would cap it at cpu_chunk_size)."""
+    from ssmkit.scan.ssd import process_dt
+    from ssmkit.scan.ssd_chunked import ssd_chunked
 
-    return ssd(**kw, chunk_size=chunk, dt_softplus=True, backend="chunked")
+    delta = process_dt(kw["dt"], kw["dt_bias"], True, (0.0, float("inf")), torch.float32)
+    return ssd_chunked(kw["x"], delta, kw["A"], kw["B"], kw["C"], chunk, kw["D"])[0]
 
 
 def run_transformers(kw: dict, chunk: int) -> torch.Tensor:

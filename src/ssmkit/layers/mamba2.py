@@ -138,7 +138,7 @@ class Mamba2(nn.Module):
         dt_limit: (min, max) clamp of Δ in use (default (0, ∞): none).
         bias: in_proj / out_proj biases.  conv_bias: conv1d bias.
         chunk_size: chunk length of the SSD block decomposition (a speed knob, the result is the same;
-            mamba-ssm's 256 suits its GPU kernel, 64 is 2–3× faster for the chunked CPU backend).
+            mamba-ssm's 256 suits its GPU kernel; on a CPU ``ssd`` caps it at ``cpu_chunk_size``).
         layer_idx: position in a stack (informational).
     """
 

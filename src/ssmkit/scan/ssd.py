@@ -220,9 +220,9 @@ def ssd(
     Args:
         x: (b, l, h, p) input.  dt: (b, l, h) Δ before bias / softplus / limits.  A: (h,) real.
         B, C: (b, l, g, n), g dividing h.  chunk_size: chunk length L of the block decomposition (the
-            result does not depend on it beyond rounding; on a CPU, 64 runs the mamba2-130m shape about
-            2.8× faster forward and 1.6–2× faster forward+backward than the default 256 —
-            ``benchmarks/bench_ssd.py``).  D: (h,) or (h, p) skip.  z: (b, l, h, p) gate.
+            result does not depend on it beyond rounding). On a CPU the ``chunked`` backend uses at most
+            ``cpu_chunk_size(p, n)`` (16–128): mamba-ssm's 256 suits its GPU kernel and is up to 14×
+            slower here (``benchmarks/bench_ssd.py``).  D: (h,) or (h, p) skip.  z: (b, l, h, p) gate.
         dt_bias: (h,) added to dt.  dt_softplus: apply softplus to dt + dt_bias.
         dt_limit: (min, max) clamp of Δ (default (0, ∞): no clamp).
         initial_states: (b, h, p, n) state before the first step (default zeros), differentiable.
@@ -248,8 +248,20 @@ def ssd(
         if name == "reference":
             y, final = ssd_reference(x, delta, A, B, C, D, z, initial_states, seq_idx)
         else:
-            y, final = ssd_chunked(x, delta, A, B, C, chunk_size, D, z, initial_states, seq_idx)
+            L = chunk_size if x.device.type != "cpu" else min(chunk_size, cpu_chunk_size(x.shape[-1], B.shape[-1]))
+            y, final = ssd_chunked(x, delta, A, B, C, L, D, z, initial_states, seq_idx)
     return (y, final) if return_final_states else y
+
+
+def cpu_chunk_size(p: int, n: int) -> int:
+    """The chunk length at which the ``chunked`` backend runs fastest on a CPU for head size p and state
+    size n: the power of two nearest √(p·n), within [16, 128]. Step 1's work per position grows with L
+    (one (L, L) decay matrix per head), the state passing's shrinks with it (a (p, n) state per head and
+    chunk), so the two balance near L² ≈ p·n. Measured forward+backward on a 2-core EPYC (Zen 4): at
+    p = n = 16 (the ablation models), L = 16 is 14× faster than mamba-ssm's 256 and within 10 % of the
+    best; at the mamba2-130m shape (p = 64, n = 128), L = 64 is within 1 % of the best and 1.3× faster
+    forward than 256."""
+    return 1 << min(7, max(4, round(math.log2(max(p * n, 1)) / 2)))
 
 
 def ssd_step(
