@@ -44,17 +44,22 @@ def test_compare_adds_transformers_rows_of_the_same_weights(folder, capsys):
     assert [x.split(" | ")[1] for x in lines] == ["ssmkit", "ssmkit", "transformers", "transformers"]
 
 
-def test_int8_of_a_mamba2_model_is_skipped_with_the_reason(tmp_path, capsys):
-    MambaLM(Mamba2Config(d_model=32, n_layer=1, vocab_size=64, headdim=16, d_state=16)).save_pretrained(
-        tmp_path
-    )
-    assert (
-        main(["bench", "generate", str(tmp_path), "-p", "4", "-n", "2", "-r", "1", "--dtypes", "fp32,int8"])
-        == 0
-    )
+def test_int8_runs_a_mamba2_model_and_skips_a_hybrid_with_the_reason(tmp_path, capsys):
+    from ssmkit.bench.generate import BenchGenerateConfig, run
+
+    m2 = tmp_path / "m2"
+    MambaLM(Mamba2Config(d_model=32, n_layer=1, vocab_size=64, headdim=16, d_state=16)).save_pretrained(m2)
+    argv = ["-p", "4", "-n", "2", "-r", "1", "--dtypes", "fp32,int8"]
+    assert main(["bench", "generate", str(m2), *argv]) == 0
     cap = capsys.readouterr()
-    assert "int8: skipped" in cap.err and "Mamba (S6)" in cap.err
-    assert sum(x.startswith(f"| {tmp_path}") for x in cap.out.splitlines()) == 2
+    assert "skipped" not in cap.err
+    assert sum(x.startswith(f"| {m2}") for x in cap.out.splitlines()) == 4  # pp and tg, fp32 and int8
+    attn = {"num_heads": 2, "head_dim": 16, "causal": True}  # a hybrid: no transformers folder, so in-process
+    hybrid = MambaLM(MambaConfig(d_model=32, n_layer=2, vocab_size=64, attn_layer_idx=[1], attn_cfg=attn))
+    cfg = BenchGenerateConfig(dtypes=("fp32", "int8"), prompt_tokens=4, gen_tokens=2, repeats=1)
+    rows = run(hybrid, "hybrid", cfg, lambda row: None)
+    assert "int8: skipped" in capsys.readouterr().err
+    assert [r["dtype"] for r in rows] == ["fp32", "fp32"]
 
 
 @pytest.mark.parametrize(

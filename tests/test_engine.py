@@ -6,7 +6,9 @@ starts from are the module path's), on PERTURBED weights (A_log, D, dt_proj.bias
 — not the initial values), for batch sizes 1, 3 and 6 (a full 4-row tile plus a remainder), on shapes that
 hit every tail (d_model 40, d_inner 80 — not a multiple of the 64-channel work item — d_state 8, smaller
 than a 16-lane vector, dt_rank 5, a padded vocabulary of 104 rows, not a multiple of the 4-row tile), and
-for every instruction-set variant this CPU runs (the baseline one always).
+for every instruction-set variant this CPU runs (the baseline one always). Mamba-2 layers the same way, on
+shapes with their own tails (d_state 20, 2 groups, headdim 10) and with mamba-ssm's options (per-channel
+D, biases, norm before the gate, a Δ limit, no norm, an MLP part in the mixer).
 
 Tolerances (max |difference| / max |reference logit|, and absolute on the states):
   * float32 weights vs the float32 module path: 2e-5 (observed ~1.5e-6: summation order only);
@@ -30,7 +32,7 @@ import torch
 
 from ssmkit import engine
 from ssmkit.engine import decode as decode_mod
-from ssmkit.models.config import MambaConfig
+from ssmkit.models.config import Mamba2Config, MambaConfig
 from ssmkit.models.mamba_lm import MambaLM
 
 CFG = MambaConfig(d_model=40, n_layer=3, vocab_size=101, d_state=8, dt_rank=5)
@@ -164,6 +166,85 @@ def test_int8_of_a_bfloat16_model():
     model = engine.quantize(perturbed_model().to(torch.bfloat16), "int8")
     logit_err, _ = compare(model, model, 2, "auto")
     assert logit_err < 0.08
+
+
+# ---- Mamba-2 layers ---------------------------------------------------------------------------------------
+# Shapes hitting every tail: d_state 20 (a 16-lane vector plus 4), 2 groups of 2 heads, headdim 10, a gated
+# norm per group; then mamba-ssm's options: per-channel D, biases, norm before the gate, a Δ limit, no norm.
+MAMBA2_CFGS = {
+    "groups": Mamba2Config(d_model=40, n_layer=3, vocab_size=101, d_state=20, headdim=10, ngroups=2),
+    "options": Mamba2Config(
+        d_model=32, n_layer=2, vocab_size=101, d_state=8, headdim=8, D_has_hdim=True, bias=True,
+        norm_before_gate=True, dt_limit=(0.01, 0.3),
+    ),  # fmt: skip
+    "no-norm": Mamba2Config(d_model=32, n_layer=2, vocab_size=101, d_state=16, headdim=16, rmsnorm=False),
+}
+
+
+def perturbed_mamba2(cfg: Mamba2Config, seed: int = 0) -> MambaLM:
+    torch.manual_seed(seed)
+    model = MambaLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            small = name.endswith(("A_log", "D", "dt_bias", "norm.weight", "norm_f.weight"))
+            p.add_(torch.randn_like(p) * (0.3 if small else 0.1))
+    return model
+
+
+@pytest.mark.parametrize("isa", isas())
+@pytest.mark.parametrize("b", [1, 3, 6])
+@pytest.mark.parametrize("name", sorted(MAMBA2_CFGS))
+def test_mamba2_float32_weights_match_the_module_path(isa, b, name):
+    model = perturbed_mamba2(MAMBA2_CFGS[name])
+    logit_err, state_err = compare(model, copy_of(model), b, isa)
+    assert logit_err < 2e-5 and state_err < 1e-5
+
+
+@pytest.mark.parametrize("b", [1, 6])
+def test_mamba2_bfloat16_and_int8_weights(b):
+    """bf16: against the float32 module path on the same rounded weights; int8: against the module path
+    of the quantized model (its dequantized weights) — both tight, as for Mamba."""
+    bf16 = perturbed_mamba2(MAMBA2_CFGS["groups"]).to(torch.bfloat16)
+    logit_err, state_err = compare(copy_of(bf16).float(), bf16, b, "auto")
+    assert logit_err < 2e-5 and state_err < 1e-5
+    logit_err, _ = compare(bf16, copy_of(bf16), b, "auto")  # the bf16 module path rounds its activations
+    assert 1e-4 < logit_err < 0.08
+    int8 = engine.quantize(perturbed_mamba2(MAMBA2_CFGS["groups"]), "int8")
+    assert isinstance(int8.backbone.layers[0].mixer.in_proj, engine.QuantLinear)
+    logit_err, state_err = compare(int8, int8, b, "auto")
+    assert logit_err < 2e-5 and state_err < 1e-5
+
+
+def test_mamba2_mixer_with_a_gated_mlp_part():
+    """d_ssm < d_inner (mamba-ssm's ``d_ssm``: the rest of in_proj is a SiLU-gated MLP), which no LM config
+    sets: mixers swapped in by hand."""
+    from ssmkit.layers.mamba2 import Mamba2
+
+    model = perturbed_mamba2(MAMBA2_CFGS["groups"])
+    torch.manual_seed(3)
+    for layer in model.backbone.layers:
+        layer.mixer = Mamba2(40, d_state=20, headdim=10, ngroups=2, d_ssm=60)  # d_inner 80: MLP part 20
+        with torch.no_grad():
+            for p in layer.mixer.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+    logit_err, state_err = compare(model, copy_of_modules(model), 3, "auto")
+    assert logit_err < 2e-5 and state_err < 1e-5
+
+
+def copy_of_modules(model: MambaLM) -> MambaLM:
+    import copy
+
+    return copy.deepcopy(model)
+
+
+def test_mamba_lm_forward_hands_a_mamba2_token_to_the_fused_step():
+    model = perturbed_mamba2(MAMBA2_CFGS["groups"])
+    ids = torch.tensor([[5], [9]])
+    caches = [model.new_cache(2) for _ in range(2)]
+    with torch.no_grad():
+        hooked = model(ids, cache=caches[0])
+        fused = engine.FusedDecoder(model).step(ids, caches[1])
+    assert torch.equal(hooked, fused)
 
 
 def test_states_are_updated_in_place():

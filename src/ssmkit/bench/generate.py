@@ -174,7 +174,7 @@ def run(model: nn.Module, name: str, cfg: BenchGenerateConfig, emit: Callable[[d
         for dtype in cfg.dtypes:
             try:
                 m = with_dtype(model, dtype).eval()
-            except ValueError as err:  # e.g. int8 of a Mamba-2 model
+            except ValueError as err:  # e.g. int8 of a hybrid model
                 print(f"[bench generate] {dtype}: skipped — {err}", file=sys.stderr)
                 continue
             nbytes = weight_bytes(m)

@@ -1,4 +1,4 @@
-"""The fused decode step: one C++ call per generated token for a whole Mamba language model.
+"""The fused decode step: one C++ call per generated token for a whole Mamba or Mamba-2 language model.
 
 Reference: Gu & Dao 2023 (arXiv 2312.00752) §3.4 and Alg. 2, one recurrent step of every block
 ``h ← h + Mamba(RMSNorm(h))`` (residual stream float32), then ``logits = lm_head(RMSNorm_f(h))``. Per layer
@@ -6,6 +6,12 @@ the kernel (``csrc/decode.cpp``, ``csrc/decode_kernels.h``) does, for every sequ
 
     xn = RMSNorm(h) ⊙ g,  [x, z] = W_in xn,  u = SiLU(conv step of x),  [δ, B, C] = W_x u,
     Δ = softplus(W_dt δ + b_dt),  s ← exp(Δ A) ⊙ s + Δ u Bᵀ,  y = (s C + D u) ⊙ SiLU(z),  h ← h + W_out y
+
+and per Mamba-2 layer (Dao & Gu 2024, arXiv 2405.21060, §7.1; H heads of headdim p in g groups):
+
+    xn = RMSNorm(h) ⊙ g,  [z₀, x₀, z, xBC, dt] = W_in xn,  [x, B, C] = SiLU(conv step of xBC),
+    Δ_h = softplus(dt_h + b_h),  s_h ← exp(Δ_h A_h) s_h + Δ_h x_h B_gᵀ,  y_h = s_h C_g + D x_h,
+    y = RMSNorm_group(y ⊙ SiLU(z)) ⊙ w,  h ← h + W_out [SiLU(z₀) ⊙ x₀, y]
 
 in float32, reading weights stored as float32, bfloat16 or int8 (``ssmkit.engine.quant``: per-row
 scales) and widening them in registers; every weight is read once per step whatever the batch size.
@@ -45,6 +51,8 @@ from ssmkit import kernels
 from ssmkit.engine import quant
 from ssmkit.engine.quant import QuantEmbedding, QuantLinear
 from ssmkit.layers.mamba import Mamba
+from ssmkit.layers.mamba2 import Mamba2
+from ssmkit.scan.ssd import DEFAULT_DT_LIMIT
 
 _CSRC = Path(__file__).resolve().parent / "csrc"
 
@@ -84,8 +92,12 @@ def unsupported_reason(model: nn.Module) -> str | None:
     if backbone is None or not hasattr(model, "lm_head") or not hasattr(backbone, "norm_f"):
         return f"not a Mamba language model ({type(model).__name__})"
     for i, layer in enumerate(backbone.layers):
+        if isinstance(getattr(layer, "mixer", None), Mamba2):
+            if getattr(layer, "mlp", None) is not None:
+                return f"layer {i} has a GatedMLP after its mixer, which the fused step lacks"
+            continue
         if not isinstance(getattr(layer, "mixer", None), Mamba):
-            return f"layer {i} is not a Mamba (S6) mixer"
+            return f"layer {i} is not a Mamba (S6) or Mamba-2 mixer"
         if layer.mixer.bcdt_rms_eps is not None:
             return f"layer {i} is a Falcon-Mamba mixer (RMS-normalised Δ, B, C), which the fused step lacks"
         if getattr(layer, "mlp", None) is not None:
@@ -159,6 +171,34 @@ def _pack_layer(block: nn.Module) -> list[Tensor]:
     ]
 
 
+def _pack_mamba2(block: nn.Module) -> tuple[list[Tensor], list[float]]:
+    """A Mamba-2 block's tensors and shape parameters in the order ``Decoder`` takes them."""
+    m = block.mixer
+    in_w, in_s = _matrix(m.in_proj)
+    out_w, out_s = _matrix(m.out_proj)
+    lo, hi = m.dt_limit
+    clamp = (lo, hi) != DEFAULT_DT_LIMIT
+    tensors = [
+        _f32(block.norm.weight),  # (Dm,)
+        in_w,  # (2 d_inner + 2 g N + H, Dm)
+        in_s,
+        _f32(m.in_proj.bias),
+        _f32(m.conv1d.weight[:, 0, :]),  # (conv_dim, d_conv)
+        _f32(m.conv1d.bias),
+        _f32(m.dt_bias),  # (H,)
+        (-torch.exp(m.A_log.detach().float())).contiguous(),  # (H,)
+        _f32(m.D).reshape(-1),  # (H,) or (d_ssm,)
+        _f32(m.norm.weight) if m.rmsnorm else torch.empty(0),  # (d_ssm,)
+        out_w,  # (Dm, d_inner)
+        out_s,
+        _f32(m.out_proj.bias),
+    ]
+    eps = m.norm.eps if m.rmsnorm else 0.0
+    params = [m.nheads, m.headdim, m.ngroups, m.d_state, m.d_mlp, float(m.norm_before_gate), eps,
+              lo if clamp else 0.0, hi if clamp else 0.0, float(clamp)]  # fmt: skip
+    return tensors, [float(v) for v in params]
+
+
 class FusedDecoder:
     """A Mamba language model packed for the fused decode step.
 
@@ -184,13 +224,17 @@ class FusedDecoder:
             raise ValueError(f"isa {isa!r} is not available on this CPU (available: {ext.available_isas()})")
         self.isa = isa
         backbone = model.backbone
-        layers = [_pack_layer(block) for block in backbone.layers]
+        layers, params = [], []
+        for block in backbone.layers:
+            tensors, p = _pack_mamba2(block) if isinstance(block.mixer, Mamba2) else (_pack_layer(block), [])
+            layers.append(tensors)
+            params.append(p)
         emb_w, emb_s = _matrix(backbone.embedding)
         head_w, head_s = _matrix(model.lm_head)
         norm_eps = backbone.norm_f.eps
         d_conv = backbone.layers[0].mixer.d_conv if len(backbone.layers) else 1
         self._impl = ext.Decoder(
-            layers, emb_w, emb_s, _f32(backbone.norm_f.weight), head_w, head_s, norm_eps, d_conv
+            layers, params, emb_w, emb_s, _f32(backbone.norm_f.weight), head_w, head_s, norm_eps, d_conv
         )
         self._impl.set_sources(list(model.parameters()) + list(model.buffers()))
         self.n_layer = len(backbone.layers)

@@ -8,7 +8,7 @@ model's float dtype (float32, or bfloat16 for a bfloat16 model):
 so the rounding error of each weight is at most s_o / 2 and a row's dot product is computed as
 s_o · Σ_k q_ok x_k (the scale is applied once, after the sum). Activations, the residual stream and the
 SSM state stay float32; only the weights are stored in 8 bits. Quantized: every Mamba mixer's
-``in_proj``, ``x_proj``, ``dt_proj`` and ``out_proj`` and the ``lm_head`` (with the embedding when the two
+``in_proj``, ``x_proj``, ``dt_proj`` and ``out_proj`` (a Mamba-2 mixer's ``in_proj`` and ``out_proj``) and the ``lm_head`` (with the embedding when the two
 are tied, as they are by default). Kept as they were: the norms, ``conv1d``, ``A_log``, ``D`` and the
 biases (a few kB per layer).
 
@@ -42,13 +42,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ssmkit.layers.mamba import Mamba
+from ssmkit.layers.mamba2 import Mamba2
 from ssmkit.utils import atomic_save
 
 METHODS = ("int8",)
 SCHEME = "int8-per-row-symmetric"  # the metadata value of a quantized checkpoint
 _META_KEY = "ssmkit_quantization"
 _TIED_KEY = "ssmkit_tied_embeddings"
-_MIXER_LINEARS = ("in_proj", "x_proj", "dt_proj", "out_proj")
+_MIXER_LINEARS = {Mamba: ("in_proj", "x_proj", "dt_proj", "out_proj"), Mamba2: ("in_proj", "out_proj")}
+_MIXERS = tuple(_MIXER_LINEARS)
 structure_changes = [0]  # bumped whenever a model's modules are replaced here (the fused decoder re-packs)
 
 
@@ -133,7 +135,8 @@ def quantize(model: nn.Module, method: str = "int8") -> nn.Module:
     """Quantize a Mamba language model's weights in place (see the module docstring); returns the model.
 
     Args:
-        model: a ``MambaLM`` (``backbone.layers[i].mixer`` Mamba mixers, ``lm_head``, ``backbone.embedding``)
+        model: a ``MambaLM`` (``backbone.layers[i].mixer`` Mamba or Mamba-2 mixers, ``lm_head``,
+            ``backbone.embedding``)
             with float weights; quantizing twice is an error.
         method: ``"int8"`` (weight-only, symmetric, one scale per output row).
     """
@@ -144,12 +147,12 @@ def quantize(model: nn.Module, method: str = "int8") -> nn.Module:
     backbone = getattr(model, "backbone", None)
     if backbone is None or not hasattr(model, "lm_head"):
         raise ValueError(f"quantize expects a MambaLM (backbone + lm_head), got {type(model).__name__}")
-    mixers = [layer.mixer for layer in backbone.layers if isinstance(getattr(layer, "mixer", None), Mamba)]
+    mixers = [layer.mixer for layer in backbone.layers if isinstance(getattr(layer, "mixer", None), _MIXERS)]
     if len(mixers) != len(backbone.layers):
-        raise ValueError("quantize supports models whose every layer is a Mamba (S6) mixer")
+        raise ValueError("quantize supports models whose every layer is a Mamba (S6) or Mamba-2 mixer")
     with torch.no_grad():
         for mixer in mixers:
-            for name in _MIXER_LINEARS:
+            for name in _MIXER_LINEARS[type(mixer)]:
                 setattr(mixer, name, QuantLinear.from_linear(getattr(mixer, name)))
         tied = model.lm_head.weight is backbone.embedding.weight
         model.lm_head = QuantLinear.from_linear(model.lm_head)

@@ -317,7 +317,7 @@ class Mamba(nn.Module):
         Returns:
             (b, l, d_model) in the input dtype.
         """
-        check_hidden_states(hidden_states, self.d_model, self.in_proj.weight.dtype)
+        check_hidden_states(hidden_states, self.d_model, self.conv1d.weight.dtype)  # conv1d: never int8
         if state is not None:
             self._check_state(state, hidden_states.shape[0])
 

@@ -240,7 +240,7 @@ class Mamba2(nn.Module):
         return Mamba2State(conv_state=conv, ssm_state=ssm)
 
     def _check(self, hidden_states: Tensor, state: Mamba2State | None) -> None:
-        check_hidden_states(hidden_states, self.d_model, self.in_proj.weight.dtype)
+        check_hidden_states(hidden_states, self.d_model, self.conv1d.weight.dtype)  # conv1d: never int8
         if state is None:
             return
         if not isinstance(state, Mamba2State):

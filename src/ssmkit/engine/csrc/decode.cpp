@@ -1,6 +1,7 @@
 // The fused decode step of a Mamba language model on the CPU: one call per token for the whole model.
 //
-// Reference: Gu & Dao 2023 (arXiv 2312.00752) §3.4 and Alg. 2 (the selective SSM), one recurrent step:
+// Reference: Gu & Dao 2023 (arXiv 2312.00752) §3.4 and Alg. 2 (the selective SSM), one recurrent step
+// (Mamba-2 blocks, Dao & Gu 2024 arXiv 2405.21060 §7: see step_mamba2 in decode_kernels.h):
 //   per layer, with h the float32 residual stream of one sequence (d_model),
 //     xn        = RMSNorm(h) ⊙ g                                   (d_model)
 //     [x, z]    = W_in xn (+ b_in)                                 (2 d_inner)
@@ -52,10 +53,18 @@ struct Weight {
   int64_t rows = 0, cols = 0;
 };
 
+// A Mamba (kind 1) or Mamba-2 (kind 2) block. Mamba-2 leaves xp / dtT empty and dt_rank 0; its A, dt_bias
+// are per head, D per head or per channel; conv_dim = d_ssm + 2 ngroups d_state channels are convolved.
 struct Layer {
+  int kind = 1;
   const float *norm, *in_bias, *conv_w, *conv_bias, *dt_bias, *A, *D, *out_bias;
   Weight in, xp, dtT, out;
   int64_t d_inner, d_state, dt_rank, e_pad;
+  // Mamba-2 only
+  const float* gnorm = nullptr;  // (d_ssm,) the gated RMSNorm's weight; null without rmsnorm
+  int64_t nheads = 0, headdim = 0, ngroups = 0, d_ssm = 0, d_mlp = 0, conv_dim = 0, norm_group = 0;
+  bool D_per_channel = false, norm_before_gate = false, dt_clamp = false;
+  float gnorm_eps = 1e-5f, dt_lo = 0.0f, dt_hi = 0.0f;
 };
 
 struct Model {
@@ -64,7 +73,9 @@ struct Model {
   Weight embed, head;
   const float* norm_f = nullptr;
   float eps = 1e-5f;
-  int64_t d_model = 0, d_inner = 0, d_state = 0, dt_rank = 0, d_conv = 0;
+  int64_t d_model = 0, d_conv = 0;
+  // the largest per-layer sizes, for the step's buffers
+  int64_t max_in = 0, max_conv = 0, max_inner = 0, max_xdbl = 0;
 };
 
 // Work items are taken from a shared counter, not split statically: on a shared machine one thread may
@@ -194,12 +205,15 @@ static Weight make_weight(const at::Tensor& t, const at::Tensor& scale, const ch
 
 class Decoder {
  public:
-  // layers: per layer [norm (Dm), in_w (2E, Dm), in_s, in_b, conv_w (E, Kc), conv_b, x_w (R+2N, E), x_s,
-  //   dtT (R, e_pad), dtT_s (e_pad), dt_b (e_pad), A (E, N), D (E), out_w (Dm, E), out_s, out_b];
-  //   float tensors float32 contiguous; an absent bias or scale is an empty tensor.
-  Decoder(const std::vector<std::vector<at::Tensor>>& layers, const at::Tensor& embed,
-          const at::Tensor& embed_s, const at::Tensor& norm_f, const at::Tensor& head,
-          const at::Tensor& head_s, double eps, int64_t d_conv) {
+  // layers: per Mamba layer [norm (Dm), in_w (2E, Dm), in_s, in_b, conv_w (E, Kc), conv_b, x_w (R+2N, E),
+  //   x_s, dtT (R, e_pad), dtT_s (e_pad), dt_b (e_pad), A (E, N), D (E), out_w (Dm, E), out_s, out_b];
+  //   per Mamba-2 layer [norm (Dm), in_w (P, Dm), in_s, in_b, conv_w (conv_dim, Kc), conv_b, dt_b (H),
+  //   A (H), D (H or d_ssm), gnorm_w (d_ssm or empty), out_w (Dm, d_inner), out_s, out_b], with params =
+  //   [nheads, headdim, ngroups, d_state, d_mlp, norm_before_gate, gnorm_eps, dt_lo, dt_hi, dt_clamp]
+  //   (empty for a Mamba layer). Float tensors float32 contiguous; an absent bias or scale is empty.
+  Decoder(const std::vector<std::vector<at::Tensor>>& layers, const std::vector<std::vector<double>>& params,
+          const at::Tensor& embed, const at::Tensor& embed_s, const at::Tensor& norm_f,
+          const at::Tensor& head, const at::Tensor& head_s, double eps, int64_t d_conv) {
     auto f32 = [&](const at::Tensor& t, int64_t n, const char* what) -> const float* {
       if (!t.defined() || t.numel() == 0) return nullptr;
       TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == n, what,
@@ -215,37 +229,70 @@ class Decoder {
     M.norm_f = f32(norm_f, M.d_model, "norm_f");
     M.eps = float(eps);
     M.d_conv = d_conv;
-    for (const auto& t : layers) {
-      TORCH_CHECK(t.size() == 16, "each layer needs 16 tensors, got ", t.size());
+    TORCH_CHECK(params.size() == layers.size(), "one params list per layer");
+    for (size_t li = 0; li < layers.size(); ++li) {
+      const auto& t = layers[li];
+      const auto& q = params[li];
       Layer L{};
-      L.in = make_weight(t[1], opt(t[2]), "in_proj");
-      L.xp = make_weight(t[6], opt(t[7]), "x_proj");
-      L.dtT = make_weight(t[8], opt(t[9]), "dt_proj (transposed)", true);
-      L.out = make_weight(t[13], opt(t[14]), "out_proj");
-      const int64_t E = L.in.rows / 2;
-      L.d_inner = E;
-      L.dt_rank = L.dtT.rows;
-      L.e_pad = L.dtT.cols;
-      L.d_state = (L.xp.rows - L.dt_rank) / 2;
-      TORCH_CHECK(L.in.cols == M.d_model && L.xp.cols == E && L.out.rows == M.d_model && L.out.cols == E &&
-                      L.e_pad >= E && L.e_pad % 16 == 0,
-                  "inconsistent layer shapes");
-      L.norm = f32(t[0], M.d_model, "norm");
-      L.in_bias = f32(t[3], 2 * E, "in_proj.bias");
-      L.conv_w = f32(t[4], E * d_conv, "conv1d.weight");
-      L.conv_bias = f32(t[5], E, "conv1d.bias");
-      L.dt_bias = f32(t[10], L.e_pad, "dt_proj.bias");
-      L.A = f32(t[11], E * L.d_state, "A");
-      L.D = f32(t[12], E, "D");
-      L.out_bias = f32(t[15], M.d_model, "out_proj.bias");
-      TORCH_CHECK(L.norm && L.conv_w && L.dt_bias && L.A && L.D, "missing layer tensors");
-      if (M.layers.empty()) {
-        M.d_inner = E;
-        M.d_state = L.d_state;
-        M.dt_rank = L.dt_rank;
+      if (q.empty()) {
+        TORCH_CHECK(t.size() == 16, "each Mamba layer needs 16 tensors, got ", t.size());
+        L.kind = 1;
+        L.in = make_weight(t[1], opt(t[2]), "in_proj");
+        L.xp = make_weight(t[6], opt(t[7]), "x_proj");
+        L.dtT = make_weight(t[8], opt(t[9]), "dt_proj (transposed)", true);
+        L.out = make_weight(t[13], opt(t[14]), "out_proj");
+        const int64_t E = L.in.rows / 2;
+        L.d_inner = E;
+        L.dt_rank = L.dtT.rows;
+        L.e_pad = L.dtT.cols;
+        L.d_state = (L.xp.rows - L.dt_rank) / 2;
+        TORCH_CHECK(L.in.cols == M.d_model && L.xp.cols == E && L.out.rows == M.d_model && L.out.cols == E &&
+                        L.e_pad >= E && L.e_pad % 16 == 0,
+                    "inconsistent layer shapes");
+        L.norm = f32(t[0], M.d_model, "norm");
+        L.in_bias = f32(t[3], 2 * E, "in_proj.bias");
+        L.conv_w = f32(t[4], E * d_conv, "conv1d.weight");
+        L.conv_bias = f32(t[5], E, "conv1d.bias");
+        L.dt_bias = f32(t[10], L.e_pad, "dt_proj.bias");
+        L.A = f32(t[11], E * L.d_state, "A");
+        L.D = f32(t[12], E, "D");
+        L.out_bias = f32(t[15], M.d_model, "out_proj.bias");
+        TORCH_CHECK(L.norm && L.conv_w && L.dt_bias && L.A && L.D, "missing layer tensors");
+        L.conv_dim = E;
+      } else {
+        TORCH_CHECK(t.size() == 13 && q.size() == 10, "each Mamba-2 layer needs 13 tensors and 10 params");
+        L.kind = 2;
+        L.nheads = int64_t(q[0]), L.headdim = int64_t(q[1]), L.ngroups = int64_t(q[2]);
+        L.d_state = int64_t(q[3]), L.d_mlp = int64_t(q[4]);
+        L.norm_before_gate = q[5] != 0.0, L.gnorm_eps = float(q[6]);
+        L.dt_lo = float(q[7]), L.dt_hi = float(q[8]), L.dt_clamp = q[9] != 0.0;
+        L.in = make_weight(t[1], opt(t[2]), "in_proj");
+        L.out = make_weight(t[10], opt(t[11]), "out_proj");
+        const int64_t H = L.nheads, Pd = L.headdim, G = L.ngroups, N = L.d_state;
+        TORCH_CHECK(H > 0 && Pd > 0 && G > 0 && H % G == 0 && N > 0 && L.d_mlp >= 0, "bad Mamba-2 params");
+        L.d_ssm = H * Pd;
+        L.d_inner = L.d_ssm + L.d_mlp;
+        L.conv_dim = L.d_ssm + 2 * G * N;
+        TORCH_CHECK(L.in.cols == M.d_model && L.in.rows == 2 * L.d_inner + 2 * G * N + H &&
+                        L.out.rows == M.d_model && L.out.cols == L.d_inner,
+                    "inconsistent Mamba-2 layer shapes");
+        L.norm = f32(t[0], M.d_model, "norm");
+        L.in_bias = f32(t[3], L.in.rows, "in_proj.bias");
+        L.conv_w = f32(t[4], L.conv_dim * d_conv, "conv1d.weight");
+        L.conv_bias = f32(t[5], L.conv_dim, "conv1d.bias");
+        L.dt_bias = f32(t[6], H, "dt_bias");
+        L.A = f32(t[7], H, "A");
+        L.D_per_channel = t[8].numel() == L.d_ssm && L.d_ssm != H;
+        L.D = f32(t[8], L.D_per_channel ? L.d_ssm : H, "D");
+        L.gnorm = f32(t[9], L.d_ssm, "norm.weight");
+        L.norm_group = L.d_ssm / G;
+        L.out_bias = f32(t[12], M.d_model, "out_proj.bias");
+        TORCH_CHECK(L.norm && L.conv_w && L.dt_bias && L.A && L.D, "missing layer tensors");
       }
-      TORCH_CHECK(E == M.d_inner && L.d_state == M.d_state && L.dt_rank == M.dt_rank,
-                  "every layer must have the same shapes");
+      M.max_in = std::max(M.max_in, L.in.rows);
+      M.max_conv = std::max(M.max_conv, L.conv_dim);
+      M.max_inner = std::max(M.max_inner, L.d_inner);
+      M.max_xdbl = std::max(M.max_xdbl, L.kind == 1 ? L.xp.rows : int64_t(0));
       M.layers.push_back(L);
     }
   }
@@ -264,7 +311,8 @@ class Decoder {
   }
 
   // One token for every sequence. ids (nb,) int64; states: the cache's per-layer state objects (with
-  // float32 contiguous conv_state (nb, E, Kc) and ssm_state (nb, E, N), updated in place — any other
+  // float32 contiguous conv_state (nb, conv_dim, Kc) and ssm_state (nb, E, N) for Mamba or (nb, nheads,
+  // headdim, N) for Mamba-2, updated in place — any other
   // state tensor is first replaced, on the object, by a float32 contiguous copy). Returns (nb, V) logits.
   at::Tensor step(const at::Tensor& ids, const py::list& states, const std::string& isa) {
     TORCH_CHECK(ids.dim() == 1 && ids.scalar_type() == at::kLong, "ids must be a 1-D int64 tensor");
@@ -275,8 +323,10 @@ class Decoder {
     std::vector<float*> conv(M.layers.size()), ssm(M.layers.size());
     for (size_t i = 0; i < M.layers.size(); ++i) {
       py::object s = states[i];
-      conv[i] = state_ptr(s, "conv_state", {nb, M.d_inner, M.d_conv});
-      ssm[i] = state_ptr(s, "ssm_state", {nb, M.d_inner, M.d_state});
+      const Layer& L = M.layers[i];
+      conv[i] = state_ptr(s, "conv_state", {nb, L.conv_dim, M.d_conv});
+      ssm[i] = L.kind == 1 ? state_ptr(s, "ssm_state", {nb, L.d_inner, L.d_state})
+                           : state_ptr(s, "ssm_state", {nb, L.nheads, L.headdim, L.d_state});
     }
     auto logits = at::empty({nb, M.head.rows}, at::kFloat);
     const std::string use = isa == "auto" ? best_isa() : isa;
@@ -350,8 +400,9 @@ static at::Tensor gemv(const at::Tensor& weight, const at::Tensor& scale, const 
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<ssmkit_decode::Decoder>(m, "Decoder")
-      .def(py::init<const std::vector<std::vector<at::Tensor>>&, const at::Tensor&, const at::Tensor&,
-                    const at::Tensor&, const at::Tensor&, const at::Tensor&, double, int64_t>())
+      .def(py::init<const std::vector<std::vector<at::Tensor>>&, const std::vector<std::vector<double>>&,
+                    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                    const at::Tensor&, double, int64_t>())
       .def("step", &ssmkit_decode::Decoder::step, "one fused decode step for every sequence")
       .def("set_sources", &ssmkit_decode::Decoder::set_sources, "the tensors the packing was made from")
       .def("current", &ssmkit_decode::Decoder::current, "whether none of those tensors has changed");

@@ -361,7 +361,7 @@ static void rms_norm(const float* x, const float* g, float eps, int64_t nb, int6
 template <class T>
 static void scan_channels(const Layer& L, const T* dtT, const float* dt_scale, const float* xdbl,
                           const float* u, const float* z, float* h, float* y, int64_t c0, int64_t c1) {
-  const int64_t R = L.dt_rank, N = L.d_state, E = L.d_inner, ep = L.e_pad;
+  const int64_t R = L.dt_rank, N = L.d_state, ep = L.e_pad;
   const float* delta_in = xdbl;       // (R,)
   const float* B = xdbl + R;          // (N,)
   const float* C = xdbl + R + N;      // (N,)
@@ -398,7 +398,6 @@ static void scan_channels(const Layer& L, const T* dtT, const float* dt_scale, c
       y[c] = (hsum(acc) + L.D[c] * uc) * gate[c - a0];
     }
   }
-  (void)E;
 }
 
 static void scan_any(const Layer& L, const float* xdbl, const float* u, const float* z, float* h, float* y,
@@ -416,54 +415,151 @@ static void scan_any(const Layer& L, const float* xdbl, const float* u, const fl
   }
 }
 
+// Scratch of one step (nb rows each): the in_proj output, the conv output, the scan output, Mamba-2's
+// gated output and Mamba's δ, B, C.
+struct Scratch {
+  float *zx, *u, *y, *ycat, *xdbl;
+};
+
+// The conv step of channel c (window: the state's last Kc − 1 inputs, then v); returns the pre-activation.
+static inline float conv_step(float* s, const float* w, const float* bias, int64_t c, int64_t Kc, float v) {
+  float a = bias ? bias[c] : 0.0f;
+  for (int64_t k = 0; k + 1 < Kc; ++k) {
+    a += w[k] * s[k + 1];
+    s[k] = s[k + 1];
+  }
+  a += w[Kc - 1] * v;
+  s[Kc - 1] = v;
+  return a;
+}
+
+// One Mamba block on xn (normed), adding its output to hres.
+static void mamba1_layer(const Model& M, const Layer& L, int64_t nb, float* cs, float* hs, const float* xn,
+                         float* hres, const Scratch& S) {
+  const int64_t Dm = M.d_model, E = L.d_inner, N = L.d_state, Kc = M.d_conv, X = L.xp.rows;
+  float *u = S.u, *z = S.zx, *y = S.y, *xdbl = S.xdbl;
+  // in_proj; the x half goes straight through the conv step, the z half is stored.
+  matvec_any(L.in, xn, nb, [&](int64_t o, int64_t j, float v) {
+    if (L.in_bias) v += L.in_bias[o];
+    if (o < E)
+      u[j * E + o] = conv_step(cs + (j * E + o) * Kc, L.conv_w + o * Kc, L.conv_bias, o, Kc, v);
+    else
+      z[j * E + o - E] = v;
+  });
+  silu_n(nb * E, u, u);
+  matvec_any(L.xp, u, nb, [&](int64_t o, int64_t j, float v) { xdbl[j * X + o] = v; });
+  const int64_t blocks = (E + 63) / 64;  // 64 channels per work item
+  parallel_items(nb * blocks, [&](int64_t it) {
+    const int64_t j = it / blocks, c0 = (it % blocks) * 64, c1 = std::min(E, c0 + 64);
+    scan_any(L, xdbl + j * X, u + j * E, z + j * E, hs + j * E * N, y + j * E, c0, c1);
+  });
+  matvec_any(L.out, y, nb, [&](int64_t o, int64_t j, float v) {
+    hres[j * Dm + o] += L.out_bias ? v + L.out_bias[o] : v;
+  });
+}
+
+static inline float softplus1(float x) { return x > 20.0f ? x : std::log1p(std::exp(x)); }  // torch's threshold
+static inline float silu1(float x) { return x / (1.0f + std::exp(-x)); }
+
+// One Mamba-2 block (Dao & Gu 2024 §7.1), per sequence:
+//   [z0, x0, z, xBC, dt] = W_in xn (+ b),  [x, B, C] = silu(conv step of xBC),
+//   Δ_h = softplus(dt_h + dt_bias_h) (clamped to dt_limit when set),  per head h of group g:
+//   s_h ← exp(Δ_h A_h) s_h + Δ_h x_h B_gᵀ  (headdim, N),  y_h = s_h C_g + D x_h,
+//   y = RMSNorm_group(y ⊙ silu(z)) ⊙ w  (or RMSNorm(y) ⊙ w ⊙ silu(z), or y ⊙ silu(z) without the norm),
+//   hres += W_out [silu(z0) ⊙ x0, y] (+ b).
+static void mamba2_layer(const Model& M, const Layer& L, int64_t nb, float* cs, float* hs, const float* xn,
+                         float* hres, const Scratch& S) {
+  const int64_t Dm = M.d_model, Kc = M.d_conv, P = L.in.rows, H = L.nheads, Pd = L.headdim;
+  const int64_t G = L.ngroups, N = L.d_state, Cd = L.conv_dim, Ds = L.d_ssm, Dl = L.d_mlp;
+  const int64_t off_x = 2 * Dl + Ds, off_dt = off_x + Cd;  // in_proj rows: z0 | x0 | z | xBC | dt
+  float *zx = S.zx, *u = S.u, *y = S.y, *ycat = S.ycat;
+  matvec_any(L.in, xn, nb, [&](int64_t o, int64_t j, float v) {
+    if (L.in_bias) v += L.in_bias[o];
+    if (o >= off_x && o < off_dt) {
+      const int64_t c = o - off_x;
+      u[j * Cd + c] = conv_step(cs + (j * Cd + c) * Kc, L.conv_w + c * Kc, L.conv_bias, c, Kc, v);
+    } else {
+      zx[j * P + o] = v;
+    }
+  });
+  silu_n(nb * Cd, u, u);
+  const int64_t heads_per_group = H / G;
+  parallel_items(nb * H, [&](int64_t it) {
+    const int64_t j = it / H, hh = it % H, g = hh / heads_per_group;
+    float dt = softplus1(zx[j * P + off_dt + hh] + L.dt_bias[hh]);
+    if (L.dt_clamp) dt = std::min(std::max(dt, L.dt_lo), L.dt_hi);
+    const vf dA = splat(std::exp(dt * L.A[hh]));
+    const float* x = u + j * Cd + hh * Pd;
+    const float* B = u + j * Cd + Ds + g * N;
+    const float* C = u + j * Cd + Ds + G * N + g * N;
+    float* sh = hs + (j * H + hh) * Pd * N;
+    float* yh = y + j * Ds + hh * Pd;
+    for (int64_t pi = 0; pi < Pd; ++pi) {
+      const float xv = x[pi], dx = dt * xv;
+      float* s = sh + pi * N;
+      vf acc = splat(0.0f);
+      int64_t n = 0;
+      for (; n + VW <= N; n += VW) {
+        const vf sn = dA * loadf(s + n) + dx * loadf(B + n);
+        storef(s + n, sn);
+        acc += loadf(C + n) * sn;
+      }
+      float a = hsum(acc);
+      for (; n < N; ++n) {
+        s[n] = dA[0] * s[n] + dx * B[n];
+        a += C[n] * s[n];
+      }
+      yh[pi] = a + (L.D_per_channel ? L.D[hh * Pd + pi] : L.D[hh]) * xv;
+    }
+  });
+  for (int64_t j = 0; j < nb; ++j) {
+    const float* zr = zx + j * P;  // z0 at 0, x0 at Dl, z at 2 Dl
+    float* out = ycat + j * L.d_inner;
+    for (int64_t c = 0; c < Dl; ++c) out[c] = silu1(zr[c]) * zr[Dl + c];
+    const float* z = zr + 2 * Dl;
+    const float* yr = y + j * Ds;
+    float* yo = out + Dl;
+    if (!L.gnorm) {  // no norm: the gate goes into the SSD output
+      for (int64_t c = 0; c < Ds; ++c) yo[c] = yr[c] * silu1(z[c]);
+      continue;
+    }
+    for (int64_t c = 0; c < Ds; ++c) yo[c] = L.norm_before_gate ? yr[c] : yr[c] * silu1(z[c]);
+    for (int64_t g0 = 0; g0 < Ds; g0 += L.norm_group) {
+      float ss = 0.0f;
+      for (int64_t c = g0; c < g0 + L.norm_group; ++c) ss += yo[c] * yo[c];
+      const float inv = 1.0f / std::sqrt(ss / float(L.norm_group) + L.gnorm_eps);
+      for (int64_t c = g0; c < g0 + L.norm_group; ++c) {
+        yo[c] = yo[c] * inv * L.gnorm[c];
+        if (L.norm_before_gate) yo[c] *= silu1(z[c]);
+      }
+    }
+  }
+  matvec_any(L.out, ycat, nb, [&](int64_t o, int64_t j, float v) {
+    hres[j * Dm + o] += L.out_bias ? v + L.out_bias[o] : v;
+  });
+}
+
 // One token through every layer, the final norm and the head, for nb sequences.
 static void step(const Model& M, const int64_t* ids, int64_t nb, float* const* conv, float* const* ssm,
                  float* logits) {
-  const int64_t Dm = M.d_model, E = M.d_inner, R = M.dt_rank, N = M.d_state, Kc = M.d_conv;
-  const int64_t X = R + 2 * N;
-  std::vector<float> buf(nb * (2 * Dm + 3 * E + X));
+  const int64_t Dm = M.d_model;
+  std::vector<float> buf(nb * (2 * Dm + M.max_in + M.max_conv + 2 * M.max_inner + M.max_xdbl));
   float* hres = buf.data();      // (nb, Dm) the residual stream, float32
   float* xn = hres + nb * Dm;    // (nb, Dm) normed
-  float* u = xn + nb * Dm;       // (nb, E)  conv branch: pre-activation, then silu
-  float* z = u + nb * E;         // (nb, E)  gate branch
-  float* y = z + nb * E;         // (nb, E)  scan output
-  float* xdbl = y + nb * E;      // (nb, X)  δ, B, C
+  Scratch S;
+  S.zx = xn + nb * Dm;              // (nb, in_proj rows)
+  S.u = S.zx + nb * M.max_in;       // (nb, conv_dim) conv branch: pre-activation, then silu
+  S.y = S.u + nb * M.max_conv;      // (nb, d_inner) scan output
+  S.ycat = S.y + nb * M.max_inner;  // (nb, d_inner) Mamba-2: [MLP part, gated and normed y]
+  S.xdbl = S.ycat + nb * M.max_inner;  // (nb, R + 2N) Mamba: δ, B, C
   for (int64_t j = 0; j < nb; ++j) embed_row(M.embed, ids[j], hres + j * Dm);
-
   for (size_t li = 0; li < M.layers.size(); ++li) {
     const Layer& L = M.layers[li];
-    float* cs = conv[li];  // (nb, E, Kc) oldest first
-    float* hs = ssm[li];   // (nb, E, N)
     rms_norm(hres, L.norm, M.eps, nb, Dm, xn);
-    // in_proj; the x half goes straight through the conv step (its window: the state's last Kc − 1
-    // inputs, then this one), the z half is stored.
-    matvec_any(L.in, xn, nb, [&](int64_t o, int64_t j, float v) {
-      if (L.in_bias) v += L.in_bias[o];
-      if (o < E) {
-        float* s = cs + (j * E + o) * Kc;
-        const float* w = L.conv_w + o * Kc;
-        float a = L.conv_bias ? L.conv_bias[o] : 0.0f;
-        for (int64_t k = 0; k + 1 < Kc; ++k) {
-          a += w[k] * s[k + 1];
-          s[k] = s[k + 1];
-        }
-        a += w[Kc - 1] * v;
-        s[Kc - 1] = v;
-        u[j * E + o] = a;
-      } else {
-        z[j * E + o - E] = v;
-      }
-    });
-    silu_n(nb * E, u, u);
-    matvec_any(L.xp, u, nb, [&](int64_t o, int64_t j, float v) { xdbl[j * X + o] = v; });
-    const int64_t blocks = (E + 63) / 64;  // 64 channels per work item
-    parallel_items(nb * blocks, [&](int64_t it) {
-      const int64_t j = it / blocks, c0 = (it % blocks) * 64, c1 = std::min(E, c0 + 64);
-      scan_any(L, xdbl + j * X, u + j * E, z + j * E, hs + j * E * N, y + j * E, c0, c1);
-    });
-    matvec_any(L.out, y, nb, [&](int64_t o, int64_t j, float v) {
-      hres[j * Dm + o] += L.out_bias ? v + L.out_bias[o] : v;
-    });
+    if (L.kind == 1)
+      mamba1_layer(M, L, nb, conv[li], ssm[li], xn, hres, S);
+    else
+      mamba2_layer(M, L, nb, conv[li], ssm[li], xn, hres, S);
   }
   rms_norm(hres, M.norm_f, M.eps, nb, Dm, xn);
   const int64_t V = M.head.rows;
