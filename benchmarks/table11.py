@@ -60,6 +60,13 @@ def main() -> int:
         default=12000,
         help="training steps (12000: about 16 min on one thread beside another run, 2-core VM)",
     )
+    p.add_argument(
+        "--final-seq-len",
+        type=int,
+        default=0,
+        help="train the recurrent models' last --final-steps steps at this length (0: off)",
+    )
+    p.add_argument("--final-steps", type=int, default=0, help="steps at --final-seq-len at the end")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr-scale", type=float, default=1.0, help="multiply each model's learning rate")
     p.add_argument("--seq-len", type=int, default=256)
@@ -137,6 +144,11 @@ def main() -> int:
             "100",
             "--seed",
             seed,
+            *(
+                ["--final-seq-len", str(args.final_seq_len), "--final-steps", str(args.final_steps)]
+                if args.final_seq_len and arch != "attention"
+                else []
+            ),
             *(["--dt-min", str(args.dt_min)] if args.dt_min is not None else []),
             *(["--dt-max", str(args.dt_max)] if args.dt_max is not None else []),
             *(["--ssm-lr", str(lr * args.lr_scale * args.ssm_lr_scale)] if args.ssm_lr_scale != 1 else []),

@@ -200,3 +200,37 @@ def test_bf16_autocast_runs_and_changes_numerics(tmp_path):
     assert all(math.isfinite(x) for x in losses[True])
     assert losses[True] != losses[False]  # autocast really ran in bfloat16 …
     torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=0.05, atol=0.05)
+
+
+def test_final_steps_train_at_final_seq_len_and_resume_across_the_switch(tmp_path):
+    """The length curriculum: steps [steps − final_steps, steps) draw the task's batch of that step at
+    final_seq_len (the same seeded stream, longer sequences); a run interrupted before the switch and
+    resumed equals the straight run, loss for loss."""
+    task = SelectiveCopying(SelectiveCopyingConfig(seq_len=24, n_tokens=4, vocab_size=8, seed=1))
+    lengths = []
+
+    class Recording(ToyLM):
+        def forward(self, ids, cache=None):
+            if self.training:
+                lengths.append(ids.shape[1])
+            return super().forward(ids, cache)
+
+    cfg = _cfg(8, final_seq_len=40, final_steps=3)
+    torch.manual_seed(0)
+    full = train(Recording(8), task, cfg, tmp_path / "full")
+    assert lengths == [28] * 5 + [44] * 3  # selective copying's inputs: region + n_tokens = 4 queries
+    torch.manual_seed(0)
+    r1 = train(Recording(8, interrupt_at_call=4), task, cfg, tmp_path / "split")
+    r2 = train(Recording(8), task, cfg, tmp_path / "split", resume=r1.checkpoint)
+    assert r1.step == 4 and r1.losses + r2.losses == full.losses  # stopped before the switch at step 5
+
+
+def test_final_steps_config_errors():
+    for kw, match in [
+        (dict(final_seq_len=64), r"^final_steps: expected > 0 exactly when final_seq_len is set, got 0$"),
+        (dict(final_steps=5), r"^final_steps: expected > 0 exactly when final_seq_len is set, got 5$"),
+        (dict(steps=10, final_seq_len=64, final_steps=11), r"^final_steps: expected in \[0, steps = 10\]"),
+        (dict(final_seq_len=0, final_steps=1), r"^final_seq_len: expected >= 1 or None, got 0$"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            TrainConfig(**kw)

@@ -76,8 +76,11 @@ class Task(Protocol):
     vocab_size: int
     seq_len: int
 
-    def train_batch(self, step: int, batch_size: int, rank: int = 0, world_size: int = 1) -> Batch:
-        """Rank ``rank``'s share of the global training batch of ``step`` (a pure function of seed, step)."""
+    def train_batch(
+        self, step: int, batch_size: int, rank: int = 0, world_size: int = 1, length: int | None = None
+    ) -> Batch:
+        """Rank ``rank``'s share of the global training batch of ``step`` (a pure function of seed, step),
+        of sequences of ``length`` (None: the task's ``seq_len``)."""
         ...
 
     def validation_set(self, length: int, n_examples: int) -> Batch:
@@ -116,9 +119,12 @@ class SyntheticTask:
     def make_batch(self, n: int, length: int, generator: torch.Generator) -> Batch:
         raise NotImplementedError
 
-    def train_batch(self, step: int, batch_size: int, rank: int = 0, world_size: int = 1) -> Batch:
+    def train_batch(
+        self, step: int, batch_size: int, rank: int = 0, world_size: int = 1, length: int | None = None
+    ) -> Batch:
         g = make_generator(self.config.seed, 1, step)
-        return shard(self.make_batch(batch_size * world_size, self.config.seq_len, g), rank, world_size)
+        n = batch_size * world_size
+        return shard(self.make_batch(n, length or self.config.seq_len, g), rank, world_size)
 
     def validation_set(self, length: int, n_examples: int) -> Batch:
         g = make_generator(self.config.seed, 2, length, n_examples)

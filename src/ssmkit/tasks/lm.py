@@ -139,10 +139,13 @@ class LMTask:
         )
         return cls(corpus, config.seq_len, config.seed, tokenizer, config)
 
-    def train_batch(self, step: int, batch_size: int, rank: int = 0, world_size: int = 1) -> Batch:
-        """Rank ``rank``'s rows of the global batch of ``step`` (``batch_size`` per rank)."""
+    def train_batch(
+        self, step: int, batch_size: int, rank: int = 0, world_size: int = 1, length: int | None = None
+    ) -> Batch:
+        """Rank ``rank``'s rows of the global batch of ``step`` (``batch_size`` per rank), windows of
+        ``length`` tokens (None: ``seq_len``)."""
         g = make_generator(self.seed, 1, step)
-        x, y = self.corpus.sample("train", batch_size * world_size, self.seq_len, g)  # (b·w, l) ×2
+        x, y = self.corpus.sample("train", batch_size * world_size, length or self.seq_len, g)  # (b·w, l) ×2
         return shard(Batch(x, y), rank, world_size)
 
     def validation_set(self, length: int, n_examples: int) -> Batch:

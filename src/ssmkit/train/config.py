@@ -46,6 +46,12 @@ class TrainConfig:
     """Clip the global gradient norm to this (0: off)."""
     bf16: bool = False
     """Run forward/backward under bfloat16 autocast (state and accumulation stay float32)."""
+    final_seq_len: int | None = None
+    """Train the last final_steps steps on sequences of this length instead of the task's (a length
+    curriculum: on Induction Heads a state that leaks over long sequences then costs loss, which at the
+    training length it hardly does); None: off."""
+    final_steps: int = 0
+    """Steps at the end trained at final_seq_len."""
     eval_every: int = 500
     """Evaluate every this many steps (and at the end); 0: only at the end."""
     eval_lengths: list[int] = field(default_factory=list)
@@ -82,6 +88,10 @@ class TrainConfig:
             ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
             ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "in [0, 1]"),
             ("grad_clip", self.grad_clip >= 0, ">= 0 (0: off)"),
+            ("final_seq_len", self.final_seq_len is None or self.final_seq_len >= 1, ">= 1 or None"),
+            ("final_steps", 0 <= self.final_steps <= self.steps, f"in [0, steps = {self.steps}]"),
+            ("final_steps", (self.final_steps > 0) == (self.final_seq_len is not None),
+             "> 0 exactly when final_seq_len is set"),
             ("eval_every", self.eval_every >= 0, ">= 0 (0: only at the end)"),
             ("eval_lengths", all(n >= 1 for n in self.eval_lengths), "lengths >= 1"),
             ("eval_chunk_size", self.eval_chunk_size is None or self.eval_chunk_size >= 1, ">= 1 or None"),

@@ -134,7 +134,6 @@ class _Run:
     val_sets: dict[int, Batch]
     """{length: validation set} (rank 0 only; the other ranks hold none)."""
     per_rank: int
-    tokens_per_step: int
     step: int = 0
 
 
@@ -148,6 +147,8 @@ class _StepResult:
     """Some rank received SIGINT/SIGTERM."""
     time_up: bool
     """Rank 0's time limit ran out."""
+    tokens: int
+    """Tokens in the global batch."""
 
 
 def _build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -253,7 +254,6 @@ def setup(info: D.DistInfo, model, task: Task, cfg: TrainConfig, out: Path, resu
         log=MetricsLog(out / "metrics.jsonl", enabled=info.is_main, truncate_after=step),
         val_sets={n: task.validation_set(n, cfg.eval_examples) for n in lengths} if info.is_main else {},
         per_rank=cfg.batch_size // info.world_size,
-        tokens_per_step=cfg.batch_size * task.train_batch(0, 1).inputs.shape[1],
         step=step,
     )
 
@@ -275,7 +275,7 @@ def fit(run: _Run) -> TrainResult:
         while run.step < cfg.steps:
             r = train_step(run, stop, t0)
             losses.append(r.loss)
-            tokens += run.tokens_per_step
+            tokens += r.tokens
             if run.step % cfg.log_every == 0 or run.step == cfg.steps:
                 _log_step(run, r, tokens / max(time.perf_counter() - t0, 1e-9), time.perf_counter() - t0, bar)
             if bar is not None:
@@ -314,7 +314,9 @@ def train_step(run: _Run, stop: _StopFlag, t0: float) -> _StepResult:
     factor = lr_factor(run.step, cfg.schedule, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
     for g in optimizer.param_groups:
         g["lr"] = g["base_lr"] * factor
-    batch = run.task.train_batch(run.step, run.per_rank, info.rank, info.world_size).to(info.device)
+    final = cfg.final_seq_len is not None and run.step >= cfg.steps - cfg.final_steps
+    length = cfg.final_seq_len if final else None  # None: the task's own length
+    batch = run.task.train_batch(run.step, run.per_rank, info.rank, info.world_size, length).to(info.device)
     with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
         logits = run.net(batch.inputs)  # (b, l, V)
     loss_sum, n_correct, n_scored = masked_loss_sums(logits, batch.targets)
@@ -341,6 +343,7 @@ def train_step(run: _Run, stop: _StopFlag, t0: float) -> _StepResult:
         grad_norm=None if gnorm is None else float(gnorm),
         signal=stats[3].item() > 0,
         time_up=stats[4].item() > 0,
+        tokens=batch.inputs.numel() * info.world_size,
     )
 
 
