@@ -174,8 +174,15 @@ def test_int8_of_a_bfloat16_model():
 MAMBA2_CFGS = {
     "groups": Mamba2Config(d_model=40, n_layer=3, vocab_size=101, d_state=20, headdim=10, ngroups=2),
     "options": Mamba2Config(
-        d_model=32, n_layer=2, vocab_size=101, d_state=8, headdim=8, D_has_hdim=True, bias=True,
-        norm_before_gate=True, dt_limit=(0.01, 0.3),
+        d_model=32,
+        n_layer=2,
+        vocab_size=101,
+        d_state=8,
+        headdim=8,
+        D_has_hdim=True,
+        bias=True,
+        norm_before_gate=True,
+        dt_limit=(0.01, 0.3),
     ),  # fmt: skip
     "no-norm": Mamba2Config(d_model=32, n_layer=2, vocab_size=101, d_state=16, headdim=16, rmsnorm=False),
 }
@@ -395,7 +402,7 @@ def test_save_and_load_a_quantized_model(tmp_path, tie):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_quantized_model_folder_round_trip_through_save_and_from_pretrained(tmp_path, dtype):
-    """save_pretrained of a quantized model writes model.safetensors (int8 + scales) and config.json with
+    """save_pretrained of a quantized model writes model.int8.safetensors (int8 + scales) and config.json with
     transformers' quantization_config key; from_pretrained / load_model give back the same quantized
     model (every tensor bit-equal, the same logits, the fused step used); float-only paths refuse it."""
     from ssmkit import load_model
@@ -404,12 +411,13 @@ def test_quantized_model_folder_round_trip_through_save_and_from_pretrained(tmp_
     model = engine.quantize(perturbed_model().to(dtype), "int8")
     folder = tmp_path / "q"
     (folder).mkdir()
-    (folder / "pytorch_model.bin").write_bytes(b"stale")  # an older float save in the same folder
+    (folder / "pytorch_model.bin").write_bytes(b"stale")  # older float saves in the same folder
+    (folder / "model.safetensors").write_bytes(b"stale")
     model.save_pretrained(folder)
     cfg = __import__("json").loads((folder / "config.json").read_text())
     assert cfg["quantization_config"] == {"quant_method": "ssmkit", "scheme": engine.quant.SCHEME}
     assert cfg["dtype"] == {torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype]
-    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.int8.safetensors"]
     for loaded in (MambaLM.from_pretrained(folder).eval(), load_model(folder).eval()):
         assert engine.is_quantized(loaded) and loaded.lm_head.scale.dtype == dtype
         for (k1, v1), (k2, v2) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
@@ -423,6 +431,9 @@ def test_quantized_model_folder_round_trip_through_save_and_from_pretrained(tmp_
             fused = engine.decode_step(loaded, tok, c2)  # the fused int8 step takes it
             assert fused is not None
             torch.testing.assert_close(fused, model(tok, cache=c1), rtol=0, atol=0)
+    transformers = pytest.importorskip("transformers")
+    with pytest.raises(OSError, match="model.safetensors"):  # refused, not loaded with random matrices
+        transformers.MambaForCausalLM.from_pretrained(folder)
     with pytest.raises(ValueError, match="quantized.*cannot be converted"):
         convert_checkpoint(folder, tmp_path / "out", to="mamba-ssm")
     with pytest.raises(ValueError, match="quantized"):

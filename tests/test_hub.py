@@ -298,6 +298,11 @@ def test_model_files_picks_one_set_of_weights():
         "config.json",
         "pytorch_model.bin",
     ]
+    # an ssmkit-quantized folder: its one weights file (ssmkit.models.folder.QUANTIZED_WEIGHTS)
+    assert hub.model_files(["config.json", "model.int8.safetensors", *extra]) == [
+        "config.json",
+        "model.int8.safetensors",
+    ]
 
 
 def test_online_fetches_only_the_files_a_model_needs(hub_home, monkeypatch):

@@ -8,7 +8,8 @@ model's float dtype (float32, or bfloat16 for a bfloat16 model):
 so the rounding error of each weight is at most s_o / 2 and a row's dot product is computed as
 s_o · Σ_k q_ok x_k (the scale is applied once, after the sum). Activations, the residual stream and the
 SSM state stay float32; only the weights are stored in 8 bits. Quantized: every Mamba mixer's
-``in_proj``, ``x_proj``, ``dt_proj`` and ``out_proj`` (a Mamba-2 mixer's ``in_proj`` and ``out_proj``) and the ``lm_head`` (with the embedding when the two
+``in_proj``, ``x_proj``, ``dt_proj`` and ``out_proj`` (a Mamba-2 mixer's ``in_proj`` and ``out_proj``)
+and the ``lm_head`` (with the embedding when the two
 are tied, as they are by default). Kept as they were: the norms, ``conv1d``, ``A_log``, ``D`` and the
 biases (a few kB per layer).
 

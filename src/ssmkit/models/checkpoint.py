@@ -717,13 +717,15 @@ def save_checkpoint(
 
 
 def save_quantized_checkpoint(path: str | Path, model) -> None:
-    """Write a quantized ``MambaLM`` (``ssmkit.quantize``) as a folder: model.safetensors with the int8
+    """Write a quantized ``MambaLM`` (``ssmkit.quantize``) as a folder: model.int8.safetensors with the int8
     weights and their scales (``ssmkit.engine.save_quantized``), then config.json in Hugging Face format
     with the scheme under ``quantization_config`` (transformers' key for a quantized checkpoint).
-    transformers does not know this scheme: ``MambaForCausalLM.from_pretrained`` on such a folder reports
-    every matrix as missing (and the int8 tensors as unexpected) — load it with ssmkit."""
+    transformers does not know this scheme, so the weights file is not named model.safetensors: there
+    ``MambaForCausalLM.from_pretrained`` refuses the folder (no weights file) instead of loading it with
+    every matrix missing, which is what it does with an unknown quantization_config and a model.safetensors
+    (``ssmkit.models.folder.QUANTIZED_WEIGHTS``)."""
     from ssmkit.engine.quant import SCHEME, save_quantized
-    from ssmkit.models.folder import dtype_name
+    from ssmkit.models.folder import QUANTIZED_WEIGHTS, dtype_name
 
     config = model.config
     config_dict = _config_dict(config, "hf")  # before any write: it can refuse the config
@@ -732,9 +734,8 @@ def save_quantized_checkpoint(path: str | Path, model) -> None:
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     for stale in weight_files(folder, "mamba-ssm") + weight_files(folder, "hf"):
-        if stale.name != "model.safetensors":
-            stale.unlink()  # an old index or shards would shadow or contradict the new file
-    save_quantized(model, folder / "model.safetensors")
+        stale.unlink()  # an old float save would shadow or contradict the new file
+    save_quantized(model, folder / QUANTIZED_WEIGHTS)
     _write_json(folder / "config.json", config_dict)
 
 

@@ -37,7 +37,7 @@ import re
 from fnmatch import fnmatch
 from pathlib import Path
 
-from ssmkit.models.folder import WEIGHT_FILES, not_a_model_folder
+from ssmkit.models.folder import QUANTIZED_WEIGHTS, WEIGHT_FILES, not_a_model_folder
 
 # Files a model folder needs besides its weights: the config, generation defaults, and every tokenizer
 # file transformers' AutoTokenizer reads (GPT-NeoX tokenizer.json in the state-spaces repos, BPE or
@@ -86,12 +86,15 @@ def cache_dir_from_env() -> Path:
 
 def model_files(repo_files: list[str]) -> list[str]:
     """The files of a repo (top-level names) that a model folder needs: the config and tokenizer files
-    present, and one set of weights — model.safetensors, else model.safetensors.index.json with its
-    shards, else pytorch_model.bin.index.json with its shards, else pytorch_model.bin."""
+    present, and one set of weights — model.int8.safetensors (a quantized folder), else model.safetensors,
+    else model.safetensors.index.json with its shards, else pytorch_model.bin.index.json with its shards,
+    else pytorch_model.bin."""
     present = set(repo_files)
     wanted = [f for f in (*CONFIG_FILES, *TOKENIZER_FILES) if f in present]
     single_hf, index_hf, shards_hf = WEIGHT_FILES["hf"]
     single_pt, index_pt, shards_pt = WEIGHT_FILES["mamba-ssm"]
+    if QUANTIZED_WEIGHTS in present:  # an ssmkit-quantized folder has only this one
+        return [*wanted, QUANTIZED_WEIGHTS]
     if single_hf in present:  # the order ssmkit.models.folder.read_weights reads them in
         return [*wanted, single_hf]
     if index_hf in present:

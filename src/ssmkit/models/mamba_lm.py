@@ -205,7 +205,13 @@ class MambaLM(GenerationMixin, nn.Module):
             the model in training mode; the weights are the checkpoint's, nothing is randomly initialised.
         """
         from ssmkit.models.checkpoint import config_from_file, load_checkpoint, quantization_scheme
-        from ssmkit.models.folder import build_loaded, model_dtype, parse_dtype, read_config
+        from ssmkit.models.folder import (
+            QUANTIZED_WEIGHTS,
+            build_loaded,
+            model_dtype,
+            parse_dtype,
+            read_config,
+        )
         from ssmkit.models.hub import resolve
 
         if dtype is not None:
@@ -216,8 +222,13 @@ class MambaLM(GenerationMixin, nn.Module):
         if quantization_scheme(raw, str(folder / "config.json")) is not None:
             from ssmkit.engine.quant import load_quantized
 
+            weights = folder / QUANTIZED_WEIGHTS
+            if not weights.is_file():
+                raise FileNotFoundError(
+                    f"{folder}: config.json says quantized, but there is no {weights.name}"
+                )
             model = cls(config_from_file(raw, str(folder / "config.json"))).to(dtype)
-            return load_quantized(model, folder / "model.safetensors").to(device or "cpu")
+            return load_quantized(model, weights).to(device or "cpu")
         config, state_dict = load_checkpoint(folder)
         return build_loaded(lambda: cls(config), state_dict, dtype, device)
 

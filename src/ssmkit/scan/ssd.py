@@ -248,7 +248,9 @@ def ssd(
         if name == "reference":
             y, final = ssd_reference(x, delta, A, B, C, D, z, initial_states, seq_idx)
         else:
-            L = chunk_size if x.device.type != "cpu" else min(chunk_size, cpu_chunk_size(x.shape[-1], B.shape[-1]))
+            L = chunk_size
+            if x.device.type == "cpu":
+                L = min(chunk_size, cpu_chunk_size(x.shape[-1], B.shape[-1]))
             y, final = ssd_chunked(x, delta, A, B, C, L, D, z, initial_states, seq_idx)
     return (y, final) if return_final_states else y
 

@@ -90,8 +90,11 @@ class TrainConfig:
             ("grad_clip", self.grad_clip >= 0, ">= 0 (0: off)"),
             ("final_seq_len", self.final_seq_len is None or self.final_seq_len >= 1, ">= 1 or None"),
             ("final_steps", 0 <= self.final_steps <= self.steps, f"in [0, steps = {self.steps}]"),
-            ("final_steps", (self.final_steps > 0) == (self.final_seq_len is not None),
-             "> 0 exactly when final_seq_len is set"),
+            (
+                "final_steps",
+                (self.final_steps > 0) == (self.final_seq_len is not None),
+                "> 0 exactly when final_seq_len is set",
+            ),
             ("eval_every", self.eval_every >= 0, ">= 0 (0: only at the end)"),
             ("eval_lengths", all(n >= 1 for n in self.eval_lengths), "lengths >= 1"),
             ("eval_chunk_size", self.eval_chunk_size is None or self.eval_chunk_size >= 1, ">= 1 or None"),
