@@ -329,3 +329,26 @@ def test_a_padded_batch_with_an_attention_mask_generates_each_row_as_alone(model
         model.generate(left, 2, attention_mask=left_mask * 2)
     with pytest.raises(ValueError, match="at least one prompt token"):
         model.generate(left, 2, attention_mask=torch.zeros_like(left_mask))
+
+
+def test_stop_strings_decode_a_bounded_tail_and_find_multibyte_stops():
+    """Each step decodes only the last 4·len(stop) + 2 tokens (a long generation stays linear), and a stop
+    string of multi-byte characters spread over byte tokens is still found at the token completing it,
+    against the full-text search over every prefix."""
+    from ssmkit.generate import StopStrings
+
+    class Bytes:
+        seen = []
+
+        def decode(self, ids):
+            self.seen.append(len(ids))
+            return bytes(ids).decode("utf-8", errors="replace")
+
+    tok = Bytes()
+    text = ("x" * 300 + "naïve €uro — ok").encode()  # ï: 2 bytes, €: 3, —: 3
+    stops = StopStrings(["€uro —"], tok)
+    first = next(n for n in range(1, len(text) + 1) if stops.found(list(text[:n])))
+    assert first == next(
+        n for n in range(1, len(text) + 1) if "€uro —" in text[:n].decode("utf-8", "replace")
+    )
+    assert max(tok.seen) == 4 * len("€uro —") + 2

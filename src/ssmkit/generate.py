@@ -295,12 +295,17 @@ class StopStrings:
         if strings and not callable(getattr(tokenizer, "decode", None)):
             raise ValueError("stop_strings needs tokenizer= (an object with decode(list[int]) -> str)")
         self.strings, self.tokenizer = strings, tokenizer
+        # A stop string completed by the newest token lies in the text of the last few tokens: one of c
+        # characters spans at most 4c bytes, so at most 4c byte-level tokens, plus the newest. Decoding
+        # only that tail keeps a long generation linear (decoding everything each step is quadratic);
+        # earlier text was searched at earlier steps.
+        self.window = 4 * max((len(x) for x in strings), default=0) + 2
 
     def __bool__(self) -> bool:
         return bool(self.strings)
 
     def found(self, new_ids: list[int]) -> bool:
-        text = self.tokenizer.decode(new_ids)
+        text = self.tokenizer.decode(new_ids[-self.window :])
         return any(x in text for x in self.strings)
 
 
