@@ -1,12 +1,14 @@
 """Training-step time and streamed-forward throughput of the Table 1 / Table 11 model (docs/benchmarks.md).
 
     python benchmarks/bench_train_step.py                 # 1 and 2 threads, batch 16, medians
+    python benchmarks/bench_train_step.py --arch mamba2   # the same with the Mamba-2 (SSD) block
     PYTHONPATH=OLD_CHECKOUT/src python benchmarks/bench_train_step.py   # the same for another version
 
-The model is ``SequenceModel(arch=mamba, layer=s6)``, 2 layers, d_model 64 (66 496 parameters), on
-default-size Selective Copying (L = 256 + 16 markers); one step is forward, masked cross-entropy,
-backward and AdamW, as in ``ssmkit.train``. The streamed forward runs (b, 8192) tokens through the
-recurrent state, as ``ssmkit eval`` does for long sequences. Prints one line per setting.
+The model is ``SequenceModel(arch=mamba, layer=s6)`` (or ``arch=mamba2, layer=ssd``), 2 layers, d_model
+64 (66 496 parameters), on default-size Selective Copying (L = 256 + 16 markers); one step is forward,
+masked cross-entropy, backward and AdamW, as in ``ssmkit.train``. The streamed forward runs (b, 8192)
+tokens through the recurrent state, as ``ssmkit eval`` does for long sequences. Prints one line per
+setting.
 """
 
 from __future__ import annotations
@@ -38,8 +40,10 @@ def main() -> None:
     p.add_argument("--threads", default="1,2", help="comma-separated torch thread counts")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--arch", choices=("mamba", "mamba2"), default="mamba", help="mamba2: the SSD block")
     args = p.parse_args()
-    spec = sequence_model_spec(vocab_size=16, d_model=64, n_layer=2, arch="mamba", layer="s6", d_state=16)
+    layer = "ssd" if args.arch == "mamba2" else "s6"
+    spec = sequence_model_spec(vocab_size=16, d_model=64, n_layer=2, arch=args.arch, layer=layer, d_state=16)
     torch.manual_seed(0)
     model = build_model(spec)
     task = build_task(task_spec("selective-copying", 256, 16))
