@@ -82,7 +82,7 @@ def add_parser(sub) -> None:
         choices=["float32", "bfloat16", "int8"],
         default=None,
         help="weights to decode with: float32, bfloat16, or int8 (weight-only, one scale per row — "
-        "ssmkit.quantize; Mamba-1 models); default: the folder's dtype",
+        "ssmkit.quantize; Mamba and Mamba-2 models); default: the folder's dtype",
     )
     p.add_argument(
         "--threads", type=int_at_least(1), default=None, help="torch CPU threads (default: torch's)"
