@@ -15,10 +15,11 @@ biases (a few kB per layer).
 
 Why per row and not per group of 32–128 columns (llama.cpp's Q8_0 uses blocks of 32): measured on small
 byte-level models trained on text (``tests/test_engine.py``), per-row int8 moves the held-out perplexity
-by +0.2 % (8.85 -> 8.86), and on another such model per-row / per-64 / per-32 groups gave −0.02 % /
-+0.08 % / +0.05 % — no measurable gain from groups — while a per-row scale costs nothing in the inner
-loop of the matrix-vector product (one multiply per row after the sum, no scale per block) and 4 bytes
-per row. ``benchmarks/bench_decode_engine.py`` measures the speed.
+by +0.2 % (8.85 -> 8.86; a Mamba-2 model of the same size: +0.14 %, 10.80 -> 10.81), and on another such
+model per-row / per-64 / per-32 groups gave −0.02 % / +0.08 % / +0.05 % — no measurable gain from
+groups — while a per-row scale costs nothing in the inner loop of the matrix-vector product (one
+multiply per row after the sum, no scale per block) and 4 bytes per row.
+``benchmarks/bench_decode_engine.py`` measures the speed.
 
 The quantized layers keep the module path working (it is the fused step's slow twin):
 :class:`QuantLinear` and :class:`QuantEmbedding` hold ``qweight`` (int8) and ``scale`` buffers and expose
