@@ -15,24 +15,12 @@ which bounds what bf16 can gain here (about 2× on AVX512-BF16 without AMX; more
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 from ssmkit import MambaConfig, MambaLM
-from ssmkit.bench.machine import cpu_model
-
-
-def median_time(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from ssmkit.bench.machine import cpu_model, median_time
 
 
 def main() -> None:

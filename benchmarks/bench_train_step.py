@@ -14,25 +14,13 @@ setting.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
+from ssmkit.bench.machine import median_time
 from ssmkit.tasks.base import masked_loss_sums
 from ssmkit.train.build import build_model, build_task, sequence_model_spec, task_spec
 from ssmkit.utils import parse_list
-
-
-def median_time(fn, repeats: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -66,7 +54,7 @@ def main() -> None:
 
     for th in parse_list(args.threads, int, "--threads"):
         torch.set_num_threads(th)
-        step = median_time(train_step, args.repeats)
+        step = median_time(train_step, args.repeats, warmup=3)
         fwd = median_time(streamed_forward, max(3, args.repeats // 10), warmup=1)
         print(
             f"threads {th}: train step (batch {args.batch_size}) {1e3 * step:.1f} ms · "

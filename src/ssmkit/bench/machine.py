@@ -1,4 +1,5 @@
-"""Facts about the machine a benchmark runs on: the CPU's name, the memory read bandwidth, weight bytes."""
+"""Facts about the machine a benchmark runs on: the CPU's name, the memory read bandwidth, weight bytes;
+and the one timing helper the benchmarks share."""
 
 from __future__ import annotations
 
@@ -21,6 +22,18 @@ def cpu_model() -> str:
         if line.startswith("Model name:"):
             return line.split(":", 1)[1].strip()
     return platform.processor() or "unknown CPU"
+
+
+def median_time(fn, repeats: int, warmup: int = 1) -> float:
+    """Median wall seconds of ``fn()`` over ``repeats`` calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def read_bandwidth(repeats: int = 21) -> tuple[float, float]:
