@@ -155,6 +155,35 @@ def test_cli_resume_and_skip(tmp_path, capsys):
         main(["eval", str(out / "checkpoint.safetensors"), "--lengths", "2"])
 
 
+def test_init_from_starts_a_new_run_from_a_checkpoints_weights(tmp_path, capsys):
+    """--init-from: the weights come from the checkpoint (a 1e-30 learning rate leaves them as they were,
+    bit for bit), the task and training settings from the flags (here a longer sequence); another model
+    or --resume beside it is a one-line error."""
+    from ssmkit.train.checkpoint import model_state, read_checkpoint
+
+    base = ["train", "--task", "induction-heads", "--arch", "mamba", "--layer", "s6", "--vocab-size", "6"]
+    base += ["--eval-every", "0", *TINY]
+    first, second = tmp_path / "a", tmp_path / "b"
+    assert main([*base, "--seq-len", "12", "--steps", "3", "--out", str(first)]) == 0
+    ckpt = first / "checkpoint.safetensors"
+    argv = [*base, "--seq-len", "40", "--steps", "1", "--lr", "1e-30", "--init-from", str(ckpt)]
+    assert main([*argv, "--out", str(second)]) == 0
+    old = model_state(read_checkpoint(ckpt)[0])
+    tensors, header = read_checkpoint(second / "checkpoint.safetensors")
+    new = model_state(tensors)
+    assert header["step"] == 1 and header["task"]["seq_len"] == 40
+    assert old.keys() == new.keys() and all(torch.equal(old[k], new[k]) for k in old)
+    capsys.readouterr()
+    assert main([*argv, "--d-model", "24", "--out", str(tmp_path / "c")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: --init-from: ") and "give the same model flags" in err
+    assert err.count("\n") == 1
+    assert main([*argv, "--resume", str(ckpt)]) == 1
+    assert "give one of them" in capsys.readouterr().err
+    assert main([*base, "--init-from", str(tmp_path / "missing.safetensors")]) == 1
+    assert "no such checkpoint" in capsys.readouterr().err
+
+
 def parsed(*argv):
     from ssmkit.cli import build_parser
     from ssmkit.cli.train import configs_from_args

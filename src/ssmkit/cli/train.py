@@ -124,6 +124,14 @@ def add_parser(sub) -> None:
         default=None,
         help="checkpoint to continue from; its model, task and training settings are used",
     )
+    p.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        metavar="CHECKPOINT",
+        help="start a new run from this checkpoint's weights (fine-tuning: give the same model flags; the "
+        "task and training flags are this run's, the optimiser and step start afresh)",
+    )
     lm = p.add_argument_group(
         "language modelling (--task lm)",
         "The vocabulary comes from the tokenizer. The trained model is saved with save_pretrained, with "
@@ -190,6 +198,8 @@ def configs_from_args(args):
 
     args = argparse.Namespace(**vars(args))  # the caller's namespace stays as parsed
     with flag_error(vars(args)):
+        if args.resume is not None and args.init_from is not None:
+            raise ValueError("--init-from: starts a new run; --resume continues one: give one of them")
         if args.resume is not None:
             return ResumeConfig(
                 checkpoint=args.resume,
@@ -219,4 +229,6 @@ def configs_from_args(args):
         model = dataclass_from_args(ModelChoice, args, kind=kind)
         train = dataclass_from_args(TrainConfig, args)
         out = args.out or Path("ssmkit-out") / time.strftime(f"train-{args.task}-%Y%m%d-%H%M%S")
-        return RunConfig(task=task, model=model, train=train, out=out, threads=args.threads)
+        return RunConfig(
+            task=task, model=model, train=train, out=out, threads=args.threads, init_from=args.init_from
+        )

@@ -39,7 +39,7 @@ from ssmkit.tasks import (
 )
 from ssmkit.tasks.base import Task
 from ssmkit.train.build import ModelConfig, build_model, model_spec
-from ssmkit.train.checkpoint import read_checkpoint
+from ssmkit.train.checkpoint import model_state, read_checkpoint
 from ssmkit.train.config import TrainConfig
 from ssmkit.train.distributed import resolve_device
 from ssmkit.train.lock import output_lock
@@ -143,10 +143,17 @@ class RunConfig:
     """Output folder (checkpoint, metrics, plots, summary; for a language model also model/)."""
     threads: int | None = None
     """torch CPU threads (None: torch's choice)."""
+    init_from: Path | None = None
+    """Start from the weights of this ``ssmkit train`` checkpoint (the same model; fine-tuning: the
+    optimiser, step, schedule and data stream start afresh with this run's settings)."""
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
         _check_threads(self.threads)
+        if self.init_from is not None:
+            self.init_from = Path(self.init_from)
+            if not self.init_from.is_file():
+                raise FileNotFoundError(f"init_from: no such checkpoint {self.init_from}")
 
 
 @dataclass
@@ -185,7 +192,16 @@ def run(config: RunConfig) -> int:
     with _lock(config.out):
         task = task_from_config(task_cfg, verbose=_is_main())
         spec = model_spec(config.model.config(task.vocab_size))
-        return _execute(spec, task, config.train, config.out, None)
+        weights = None
+        if config.init_from is not None:
+            tensors, header = read_checkpoint(config.init_from)
+            if header.get("model") != spec:
+                raise ValueError(
+                    f"init_from: {config.init_from} holds the model {header.get('model')}, this run builds "
+                    f"{spec}; give the same model flags"
+                )
+            weights = model_state(tensors)
+        return _execute(spec, task, config.train, config.out, None, weights)
 
 
 def resume(config: ResumeConfig) -> int:
@@ -215,9 +231,13 @@ def _lock(out: Path):
     return output_lock(out) if _is_main() else contextlib.nullcontext()
 
 
-def _execute(spec: dict, task: Task, cfg: TrainConfig, out: Path, checkpoint: Path | None) -> int:
+def _execute(
+    spec: dict, task: Task, cfg: TrainConfig, out: Path, checkpoint: Path | None, weights: dict | None = None
+) -> int:
     torch.manual_seed(task.spec()["seed"])
     model = build_model(spec)
+    if weights is not None:  # --init-from: the initialisation above is replaced, every tensor
+        model.load_state_dict(weights, strict=True)
     say = print if _is_main() else (lambda *a, **k: None)
     say(f"[train] {_describe(task, spec, count_parameters(model))} · out {out.resolve()}", flush=True)
     res = train(model, task, cfg, out, resume=checkpoint, meta={"model": spec, "task": task.spec()})
