@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ssmkit import engine
-from ssmkit.bench.machine import cpu_model, read_bandwidth, weight_bytes
+from ssmkit.bench.machine import cpu_model, median_time, read_bandwidth, weight_bytes
 from ssmkit.engine import decode as decode_mod
 from ssmkit.models.config import MambaConfig
 from ssmkit.models.mamba_lm import MambaLM
@@ -134,13 +134,7 @@ def time_head(dtype: str, repeats: int = 9) -> dict:
         nbytes = wt.nbytes
     result = {}
     for name, fn in (("fused gemv", ours), ("torch F.linear", theirs)):
-        fn()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        result[name] = nbytes / statistics.median(times) / 1e9
+        result[name] = nbytes / median_time(fn, repeats) / 1e9
     return result
 
 
