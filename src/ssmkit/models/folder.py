@@ -43,12 +43,12 @@ from torch import Tensor, nn
 # mamba-ssm ``ssm_cfg.layer`` -> the model type transformers uses for the same architecture
 _MAMBA_SSM_LAYERS = {"Mamba1": "mamba", "Mamba2": "mamba2"}
 
-# The weight files of each format: the single file, the index of a sharded one, its shards.
 QUANTIZED_WEIGHTS = "model.int8.safetensors"
 """The weights file of a quantized folder (``ssmkit.quantize`` + ``save_pretrained``). Not model.safetensors
 on purpose: transformers skips a quantization_config it does not know and would load that file with every
 matrix missing (random weights) — without its file name it refuses the folder instead."""
 
+# The weight files of each format: the single file, the index of a sharded one, its shards.
 WEIGHT_FILES = {
     "hf": ("model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors"),
     "mamba-ssm": ("pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*-of-*.bin"),

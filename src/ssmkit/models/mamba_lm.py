@@ -222,13 +222,8 @@ class MambaLM(GenerationMixin, nn.Module):
         if quantization_scheme(raw, str(folder / "config.json")) is not None:
             from ssmkit.engine.quant import load_quantized
 
-            weights = folder / QUANTIZED_WEIGHTS
-            if not weights.is_file():
-                raise FileNotFoundError(
-                    f"{folder}: config.json says quantized, but there is no {weights.name}"
-                )
             model = cls(config_from_file(raw, str(folder / "config.json"))).to(dtype)
-            return load_quantized(model, weights).to(device or "cpu")
+            return load_quantized(model, folder / QUANTIZED_WEIGHTS).to(device or "cpu")
         config, state_dict = load_checkpoint(folder)
         return build_loaded(lambda: cls(config), state_dict, dtype, device)
 
