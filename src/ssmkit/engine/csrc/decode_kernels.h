@@ -459,7 +459,6 @@ static void mamba1_layer(const Model& M, const Layer& L, int64_t nb, float* cs, 
 }
 
 static inline float softplus1(float x) { return x > 20.0f ? x : std::log1p(std::exp(x)); }  // torch's threshold
-static inline float silu1(float x) { return x / (1.0f + std::exp(-x)); }
 
 // One Mamba-2 block (Dao & Gu 2024 §7.1), per sequence:
 //   [z0, x0, z, xBC, dt] = W_in xn (+ b),  [x, B, C] = silu(conv step of xBC),
@@ -513,24 +512,26 @@ static void mamba2_layer(const Model& M, const Layer& L, int64_t nb, float* cs, 
     }
   });
   for (int64_t j = 0; j < nb; ++j) {
-    const float* zr = zx + j * P;  // z0 at 0, x0 at Dl, z at 2 Dl
+    float* zr = zx + j * P;  // z0 at 0, x0 at Dl, z at 2 Dl (no longer needed as they are: SiLU in place)
+    float* z = zr + 2 * Dl;
+    silu_n(Dl, zr, zr);
+    silu_n(Ds, z, z);
     float* out = ycat + j * L.d_inner;
-    for (int64_t c = 0; c < Dl; ++c) out[c] = silu1(zr[c]) * zr[Dl + c];
-    const float* z = zr + 2 * Dl;
+    for (int64_t c = 0; c < Dl; ++c) out[c] = zr[c] * zr[Dl + c];
     const float* yr = y + j * Ds;
     float* yo = out + Dl;
     if (!L.gnorm) {  // no norm: the gate goes into the SSD output
-      for (int64_t c = 0; c < Ds; ++c) yo[c] = yr[c] * silu1(z[c]);
+      for (int64_t c = 0; c < Ds; ++c) yo[c] = yr[c] * z[c];
       continue;
     }
-    for (int64_t c = 0; c < Ds; ++c) yo[c] = L.norm_before_gate ? yr[c] : yr[c] * silu1(z[c]);
+    for (int64_t c = 0; c < Ds; ++c) yo[c] = L.norm_before_gate ? yr[c] : yr[c] * z[c];
     for (int64_t g0 = 0; g0 < Ds; g0 += L.norm_group) {
       float ss = 0.0f;
       for (int64_t c = g0; c < g0 + L.norm_group; ++c) ss += yo[c] * yo[c];
       const float inv = 1.0f / std::sqrt(ss / float(L.norm_group) + L.gnorm_eps);
       for (int64_t c = g0; c < g0 + L.norm_group; ++c) {
         yo[c] = yo[c] * inv * L.gnorm[c];
-        if (L.norm_before_gate) yo[c] *= silu1(z[c]);
+        if (L.norm_before_gate) yo[c] *= z[c];
       }
     }
   }
