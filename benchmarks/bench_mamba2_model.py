@@ -21,6 +21,8 @@ import time
 
 import torch
 
+from ssmkit.bench.machine import median_time
+
 
 def gemm_gflops(n: int = 1024, reps: int = 10) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)
@@ -48,16 +50,6 @@ def _status_mib(key: str) -> float:
     raise KeyError(key)
 
 
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up (kernel builds, allocator)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 def measure(model, is_ours: bool, ids, repeats: int) -> tuple[float, float, float, float]:
     """(prefill tokens/s, decode ms/token, training-step tokens/s, its peak extra MiB) of one model."""
 
@@ -65,7 +57,7 @@ def measure(model, is_ours: bool, ids, repeats: int) -> tuple[float, float, floa
         return model(x) if is_ours else model(x, use_cache=False).logits
 
     with torch.no_grad():
-        prefill = timed(lambda: call(ids), repeats)
+        prefill = median_time(lambda: call(ids), repeats)
 
     def decode() -> float:
         with torch.no_grad():
@@ -92,7 +84,7 @@ def measure(model, is_ours: bool, ids, repeats: int) -> tuple[float, float, floa
         call(ids).float().logsumexp(-1).mean().backward()
 
     model.train()
-    train_s = timed(train, repeats)
+    train_s = median_time(train, repeats)
     model.zero_grad(set_to_none=True)
     peak = peak_rss_mib_during(train)
     model.zero_grad(set_to_none=True)

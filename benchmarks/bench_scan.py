@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ssmkit.bench.machine import cpu_model
+from ssmkit.bench.machine import cpu_model, median_time
 from ssmkit.utils import atomic_write_text
 
 D_MODEL_INNER, D_STATE = 1536, 16
@@ -262,13 +262,7 @@ def cpu_time_study(repeats: int) -> dict[str, float]:
     x = make_inputs(2048, grad=False)
 
     def med(fn, reps):
-        fn()
-        times = []
-        for _ in range(reps):
-            t0 = time.process_time()
-            fn()
-            times.append(time.process_time() - t0)
-        return statistics.median(times)
+        return median_time(fn, reps, clock=time.process_time)
 
     def fwd(backend):
         with torch.no_grad():

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ssmkit.bench.machine import cpu_model
+from ssmkit.bench.machine import cpu_model, median_time
 
 H, P, N, G = 24, 64, 128, 1
 
@@ -105,13 +104,7 @@ def time_call(fn, kw: dict, chunk: int, backward: bool, repeats: int, clock) -> 
             for v in kw.values():
                 v.grad = None
 
-    once()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = clock()
-        once()
-        times.append(clock() - t0)
-    return statistics.median(times)
+    return median_time(once, repeats, clock=clock)  # after one warm-up call
 
 
 def gemm_gflops(clock) -> float:

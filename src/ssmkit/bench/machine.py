@@ -24,15 +24,16 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def median_time(fn, repeats: int, warmup: int = 1) -> float:
-    """Median wall seconds of ``fn()`` over ``repeats`` calls after ``warmup`` untimed ones."""
+def median_time(fn, repeats: int, warmup: int = 1, clock=time.perf_counter) -> float:
+    """Median seconds of ``fn()`` over ``repeats`` calls after ``warmup`` untimed ones, by ``clock`` (wall
+    time; ``time.process_time`` for CPU time, steadier on a shared machine)."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
     return statistics.median(times)
 
 
