@@ -8,7 +8,9 @@
     python benchmarks/table11.py --models mamba,mamba2,hybrid --seeds 0,1,2   # one run per model × seed
 
 Each model is one ``ssmkit train`` run and one ``ssmkit eval`` run (subprocesses); long sequences are
-streamed through the recurrent state in chunks. Results: ``table11.md`` / ``table11.json`` in --out.
+streamed through the recurrent state in chunks. With ``--finetune-seq-len N --finetune-steps K`` a second
+``ssmkit train --init-from`` run fine-tunes the recurrent models at length N before they are scored.
+Results: ``table11.md`` / ``table11.json`` in --out.
 Paper setup (Appendix E.1): batch 8, 25–50 epochs of 8192 steps, Adam, constant lr 1e-3 (Mamba) or 2e-4.
 """
 
@@ -67,6 +69,14 @@ def main() -> int:
         help="train the recurrent models' last --final-steps steps at this length (0: off)",
     )
     p.add_argument("--final-steps", type=int, default=0, help="steps at --final-seq-len at the end")
+    p.add_argument(
+        "--finetune-seq-len",
+        type=int,
+        default=0,
+        help="after training, fine-tune the recurrent models at this length: a second ssmkit train "
+        "--init-from run (fresh AdamW, constant lr, no warm-up) of --finetune-steps steps (0: off)",
+    )
+    p.add_argument("--finetune-steps", type=int, default=0, help="steps of the fine-tuning run")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr-scale", type=float, default=1.0, help="multiply each model's learning rate")
     p.add_argument("--seq-len", type=int, default=256)
@@ -108,16 +118,21 @@ def main() -> int:
     lengths = [2**k for k in ks]
     args.out.mkdir(parents=True, exist_ok=True)
 
+    def finetunes(arch: str) -> bool:
+        return bool(args.finetune_seq_len and args.finetune_steps) and arch != "attention"
+
+    def final_run(name: str) -> Path:
+        """The folder whose checkpoint is scored: the fine-tuning run's when there is one."""
+        arch = MODELS[name.rsplit("-seed", 1)[0]][0]
+        return args.out / name / "finetune" if finetunes(arch) else args.out / name
+
     def commands(name: str) -> list[list[str]]:
         model, seed = name.rsplit("-seed", 1)
         arch, layer, d, lr, paper_steps = MODELS[model]
         run = args.out / name
         th = ["--threads", str(args.threads)] if args.threads else []
-        train = [
-            sys.executable,
-            "-m",
-            "ssmkit",
-            "train",
+        ssmkit = [sys.executable, "-m", "ssmkit"]
+        task_and_model = [
             "--task",
             "induction-heads",
             "--arch",
@@ -128,22 +143,31 @@ def main() -> int:
             str(d),
             "--n-layer",
             "2",
-            "--seq-len",
-            str(args.seq_len),
             "--vocab-size",
             "16",
-            "--steps",
-            str(paper_steps if args.paper else args.steps),
             "--batch-size",
             str(args.batch_size),
             "--lr",
             str(lr * args.lr_scale),
+            "--seed",
+            seed,
+            "--device",
+            args.device,
+            "--no-progress",
+            *th,
+        ]
+        train = [
+            *ssmkit,
+            "train",
+            *task_and_model,
+            "--seq-len",
+            str(args.seq_len),
+            "--steps",
+            str(paper_steps if args.paper else args.steps),
             "--schedule",
             args.schedule,
             "--warmup-steps",
             "100",
-            "--seed",
-            seed,
             *(
                 ["--final-seq-len", str(args.final_seq_len), "--final-steps", str(args.final_steps)]
                 if args.final_seq_len and arch != "attention"
@@ -156,21 +180,40 @@ def main() -> int:
             "500",
             "--eval-examples",
             "512",
-            "--device",
-            args.device,
             "--out",
             str(run),
-            "--no-progress",
-            *th,
             *(["--time-limit-s", str(args.time_limit)] if args.time_limit else []),
         ]
+        stages = [train]
+        if finetunes(arch):
+            stages.append(
+                [
+                    *ssmkit,
+                    "train",
+                    "--init-from",
+                    str(run / "checkpoint.safetensors"),
+                    *task_and_model,
+                    "--seq-len",
+                    str(args.finetune_seq_len),
+                    "--steps",
+                    str(args.finetune_steps),
+                    "--schedule",
+                    "constant",
+                    "--warmup-steps",
+                    "0",
+                    "--eval-every",
+                    "0",
+                    "--eval-examples",
+                    "64",
+                    "--out",
+                    str(run / "finetune"),
+                ]
+            )
         max_len = args.attn_max_length if arch in ("attention", "hybrid") else lengths[-1]
         ev = [
-            sys.executable,
-            "-m",
-            "ssmkit",
+            *ssmkit,
             "eval",
-            str(run / "checkpoint.safetensors"),
+            str(final_run(name) / "checkpoint.safetensors"),
             "--lengths",
             ",".join(map(str, lengths)),
             "--examples",
@@ -185,7 +228,7 @@ def main() -> int:
             args.device,
             *th,
         ]
-        return [train, ev]
+        return [*stages, ev]
 
     if not args.collect_only:
         pending, running = list(names), []
@@ -222,20 +265,22 @@ def main() -> int:
     lines = [header, "|" + "---|" * (3 + len(lengths))]
     result = {}
     for name in names:
-        run = args.out / name
-        ev = run / "eval.json"
-        summ = run / "summary.json"
-        if not ev.exists() or not summ.exists():
+        run, last = args.out / name, final_run(name)
+        ev = last / "eval.json"
+        summaries = [run / "summary.json"] + ([last / "summary.json"] if last != run else [])
+        if not ev.exists() or not all(f.exists() for f in summaries):
             lines.append(f"| {name} (ours) | not run | | " + " | ".join("" for _ in lengths) + " |")
             continue
         rows = {r["length"]: r for r in json.loads(ev.read_text())["rows"]}
-        s = json.loads(summ.read_text())
+        stages = [json.loads(f.read_text()) for f in summaries]
         cells = [
             "✗ (not run)" if rows.get(n, {}).get("skipped", True) else f"{100 * rows[n]['acc']:.1f}"
             for n in lengths
         ]
-        lines.append(f"| {name} (ours) | {s['step']} | {s['wall_s']:.0f} | " + " | ".join(cells) + " |")
-        result[name] = {"summary": s, "rows": list(rows.values())}
+        steps = " + ".join(str(s["step"]) for s in stages)
+        wall = sum(s["wall_s"] for s in stages)
+        lines.append(f"| {name} (ours) | {steps} | {wall:.0f} | " + " | ".join(cells) + " |")
+        result[name] = {"summary": stages[0], "finetune": stages[1:], "rows": list(rows.values())}
     for name in [m for m in models if m in PAPER]:
         paper = [PAPER[name][k - 6] for k in ks]
         lines.append(

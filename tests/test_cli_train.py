@@ -39,7 +39,7 @@ TINY = [
         ("mamba2", "ssd", "copying"),
     ],
 )
-def test_train_eval_roundtrip(tmp_path, arch, layer, task):
+def test_train_eval_roundtrip(tmp_path, monkeypatch, arch, layer, task):
     out = tmp_path / "run"
     rc = main(
         [
@@ -96,6 +96,19 @@ def test_train_eval_roundtrip(tmp_path, arch, layer, task):
     assert streamed["acc"] == full["acc"] and streamed["n"] == full["n"]
     torch.testing.assert_close(
         torch.tensor(streamed["loss"]), torch.tensor(full["loss"]), rtol=1e-5, atol=1e-5
+    )
+    # on a CPU a streamed forward takes at most CPU_STREAM_TOKENS tokens: here 2 examples x 5 at a time
+    import ssmkit.train.evaluate as evaluate_module
+
+    monkeypatch.setattr(evaluate_module, "CPU_STREAM_TOKENS", 10)
+    shapes = []
+    hook = model.register_forward_pre_hook(lambda m, args: shapes.append(tuple(args[0].shape)))
+    capped = evaluate(model, data, batch_size=6, chunk_size=5)
+    hook.remove()
+    assert shapes[0] == (2, 5) and len(shapes) == 3 * 8  # 3 batches x 8 chunks (37 tokens)
+    assert capped["acc"] == full["acc"] and capped["n"] == full["n"]
+    torch.testing.assert_close(
+        torch.tensor(capped["loss"]), torch.tensor(full["loss"]), rtol=1e-5, atol=1e-5
     )
 
 
