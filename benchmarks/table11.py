@@ -77,6 +77,9 @@ def main() -> int:
         "--init-from run (fresh AdamW, constant lr, no warm-up) of --finetune-steps steps (0: off)",
     )
     p.add_argument("--finetune-steps", type=int, default=0, help="steps of the fine-tuning run")
+    p.add_argument(
+        "--finetune-batch-size", type=int, default=2, help="batch of the fine-tuning run (default: 2)"
+    )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr-scale", type=float, default=1.0, help="multiply each model's learning rate")
     p.add_argument("--seq-len", type=int, default=256)
@@ -145,8 +148,6 @@ def main() -> int:
             "2",
             "--vocab-size",
             "16",
-            "--batch-size",
-            str(args.batch_size),
             "--lr",
             str(lr * args.lr_scale),
             "--seed",
@@ -164,6 +165,8 @@ def main() -> int:
             str(args.seq_len),
             "--steps",
             str(paper_steps if args.paper else args.steps),
+            "--batch-size",
+            str(args.batch_size),
             "--schedule",
             args.schedule,
             "--warmup-steps",
@@ -197,6 +200,8 @@ def main() -> int:
                     str(args.finetune_seq_len),
                     "--steps",
                     str(args.finetune_steps),
+                    "--batch-size",
+                    str(args.finetune_batch_size),
                     "--schedule",
                     "constant",
                     "--warmup-steps",
@@ -204,7 +209,7 @@ def main() -> int:
                     "--eval-every",
                     "0",
                     "--eval-examples",
-                    "64",
+                    "16",
                     "--out",
                     str(run / "finetune"),
                 ]
