@@ -107,9 +107,7 @@ def test_train_eval_roundtrip(tmp_path, monkeypatch, arch, layer, task):
     hook.remove()
     assert shapes[0] == (2, 5) and len(shapes) == 3 * 8  # 3 batches x 8 chunks (37 tokens)
     assert capped["acc"] == full["acc"] and capped["n"] == full["n"]
-    torch.testing.assert_close(
-        torch.tensor(capped["loss"]), torch.tensor(full["loss"]), rtol=1e-5, atol=1e-5
-    )
+    torch.testing.assert_close(torch.tensor(capped["loss"]), torch.tensor(full["loss"]), rtol=1e-5, atol=1e-5)
 
 
 def test_cli_resume_and_skip(tmp_path, capsys):
