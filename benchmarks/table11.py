@@ -77,7 +77,7 @@ def main() -> int:
         type=int,
         default=65536,
         help="after training, fine-tune the SSM models (mamba, mamba2) at this length: a second ssmkit train "
-        "--init-from run (fresh AdamW, the model's lr, constant, no warm-up) (default: 65536)",
+        "--init-from run (fresh AdamW, --finetune-lr, constant, no warm-up) (default: 65536)",
     )
     p.add_argument(
         "--finetune-steps", type=int, default=100, help="steps of the fine-tuning run (default: 100; 0: off)"
