@@ -6,9 +6,10 @@
 ``ssmkit.train.evaluate`` scores a long sequence by streaming it through the recurrent state, chunk by
 chunk: ``model(x[:, s:s+c], cache=cache)``. This script times that loop for several (examples × chunk)
 shapes per call on the Table 11 model (``SequenceModel(arch=mamba, layer=s6)``, 2 layers, d_model 64,
-vocab 16) and prints each one's tokens/s and its ratio to the shape ``evaluate`` picks on a CPU (16
-examples × ``CPU_STREAM_TOKENS // 16`` tokens). Medians over ``--repeats`` passes; the CPU model is
-printed with them, because the knee depends on its caches.
+vocab 16) and prints each one's tokens/s and its ratio to the shape ``evaluate`` runs on a CPU for
+``ssmkit eval --chunk-size CHUNK --batch-size BATCH`` (it caps the examples at ``CPU_STREAM_TOKENS //
+CHUNK``; the defaults are what benchmarks/table11.py passes: chunk 8192, batch 32 → 4 × 8192). Medians
+over ``--repeats`` passes; the CPU model is printed with them, because the knee depends on its caches.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 
 from ssmkit.bench.machine import cpu_model, median_time
 from ssmkit.train.build import build_model, sequence_model_spec
-from ssmkit.train.evaluate import CPU_STREAM_TOKENS
+from ssmkit.train.evaluate import cpu_stream_batch_size
 from ssmkit.utils import parse_list
 
 SHAPES = "16x8192,16x4096,64x2048,16x2048,16x1024,64x512,4x8192"
@@ -41,9 +42,11 @@ def main() -> None:
     p.add_argument("--length", type=int, default=16384, help="tokens per sequence (default: 16384)")
     p.add_argument("--shapes", default=SHAPES, help=f"EXAMPLESxCHUNK per call (default: {SHAPES})")
     p.add_argument("--repeats", type=int, default=3, help="timed passes per shape (default: 3)")
+    p.add_argument("--chunk-size", type=int, default=8192, help="ssmkit eval --chunk-size (default: 8192)")
+    p.add_argument("--batch-size", type=int, default=32, help="ssmkit eval --batch-size (default: 32)")
     args = p.parse_args()
     shapes = parse_shapes(args.shapes)
-    reference = (16, CPU_STREAM_TOKENS // 16)
+    reference = (cpu_stream_batch_size(args.batch_size, args.chunk_size), args.chunk_size)
     if reference not in shapes:
         shapes.append(reference)
     longest = max(c for _, c in shapes)
@@ -66,7 +69,7 @@ def main() -> None:
                 model(ids[:, s : s + c], cache=cache)
 
         rates[(b, c)] = ids.numel() / median_time(stream, args.repeats, warmup=1)
-    print("| examples × chunk per call | tokens per call | tok/s | ratio to the evaluate shape |")
+    print("| examples × chunk per call | tokens per call | tok/s | ratio to evaluate's shape |")
     print("|---|---|---|---|")
     for (b, c), rate in rates.items():
         mark = " (evaluate's)" if (b, c) == reference else ""

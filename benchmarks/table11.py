@@ -2,9 +2,9 @@
 
     python benchmarks/table11.py                  # Mamba (2 layers, d_model 64) and MHA-RoPE (2 layers,
                                                   # d_model 128, 8 heads) trained at L=256, V=16 (Mamba
-                                                  # then fine-tuned 100 steps at L=65536, batch 2, lr
-                                                  # 2e-3), then
-                                                  # evaluated at 2^6 … 2^20 (attention: --attn-max-length)
+                                                  # then fine-tuned 100 steps at L=65536, batch 2,
+                                                  # lr 2e-3), then evaluated at 2^6 … 2^20 (attention:
+                                                  # --attn-max-length)
     python benchmarks/table11.py --models mamba --steps 4000
     python benchmarks/table11.py --paper --device cuda   # Appendix E.1 step counts, batch 8
     python benchmarks/table11.py --models mamba,mamba2,hybrid --seeds 0,1,2   # one run per model × seed

@@ -14,9 +14,15 @@ import torch
 from ssmkit.tasks.base import Batch, masked_loss_sums
 
 # On a CPU a streamed forward runs fastest when its activations stay in the caches: at most this many
-# tokens (examples x chunk) per call. Measured on an AMD EPYC Zen 4, one thread, the 2-layer d_model-64
-# Mamba of the induction-heads task: 16 x 2048 tokens per call 124k tok/s, 16 x 8192 69k tok/s.
+# tokens (examples x chunk) per call. benchmarks/bench_stream_eval.py on an AMD EPYC Zen 4, one thread, the
+# 2-layer d_model-64 Mamba of the induction-heads task: 4 x 8192 tokens per call 144k tok/s, 16 x 8192 87k.
 CPU_STREAM_TOKENS = 1 << 15
+
+
+def cpu_stream_batch_size(batch_size: int, chunk_size: int) -> int:
+    """Examples per streamed forward on a CPU: ``batch_size``, capped so that examples x ``chunk_size`` is
+    at most ``CPU_STREAM_TOKENS`` (at least 1). The chunk is the caller's and is never shortened."""
+    return max(1, min(batch_size, CPU_STREAM_TOKENS // chunk_size))
 
 
 @torch.no_grad()
@@ -35,7 +41,7 @@ def evaluate(
             ``model(ids, cache=cache)`` (the state protocol; the cache is updated in place).
         data: inputs/targets (n, l).
         batch_size: examples per forward pass (on a CPU, when streaming, at most
-            ``CPU_STREAM_TOKENS // chunk_size`` of them).
+            ``cpu_stream_batch_size(batch_size, chunk_size)`` of them).
         chunk_size: stream sequences longer than this in chunks of this many tokens (None: never).
     Returns:
         {"loss": float, "acc": float, "n": int (scored positions)}.
@@ -48,7 +54,7 @@ def evaluate(
     loss_sum, correct, count = 0.0, 0, 0
     n, l = data.inputs.shape
     if dev.type == "cpu" and chunk_size is not None and l > chunk_size:
-        batch_size = max(1, min(batch_size, CPU_STREAM_TOKENS // chunk_size))
+        batch_size = cpu_stream_batch_size(batch_size, chunk_size)
     try:
         for i in range(0, n, batch_size):
             x = data.inputs[i : i + batch_size]  # (b, l)
