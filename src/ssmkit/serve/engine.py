@@ -138,7 +138,14 @@ class Engine:
         self._ids = itertools.count(1)
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ssmkit-serve-engine", daemon=True)
-        self._stats = {"active": 0, "waiting": 0, "state_bytes": 0, "tokens_generated": 0, "decode_steps": 0}
+        self._stats = {
+            "streams": 0,
+            "active": 0,
+            "waiting": 0,
+            "state_bytes": 0,
+            "tokens_generated": 0,
+            "decode_steps": 0,
+        }
 
     # ------------------------------------------------------------------ any thread
     def start(self) -> None:
@@ -190,11 +197,8 @@ class Engine:
         """Live streams (``streams``; ``active`` decoding, ``waiting`` for a batch slot or their prefill),
         the bytes of state they hold, and counters since start: tokens generated and batched decode steps
         (tokens / steps > 1: streams were decoded together). Refreshed after every engine step."""
-        with self._lock:
-            live = self._live
         return {
-            "streams": live,
-            **self._stats,
+            **self._stats,  # one snapshot: streams and state bytes from the same moment
             "state_bytes_per_stream": self.state_bytes_per_stream,
             "max_batch": self.max_batch,
             "max_streams": self.max_streams,
@@ -226,7 +230,10 @@ class Engine:
                     active.clear()
                     waiting.clear()
                     cache = None
+                with self._lock:
+                    live = self._live
                 self._stats = {
+                    "streams": live,
                     "active": len(active),
                     "waiting": len(waiting),
                     "state_bytes": (cache.nbytes if cache is not None else 0)
