@@ -88,6 +88,13 @@ def main() -> int:
     p.add_argument(
         "--finetune-lr", type=float, default=2e-3, help="lr of the fine-tuning run (default: 2e-3)"
     )
+    p.add_argument(
+        "--finetune-readouts",
+        type=int,
+        default=0,
+        help="ssmkit train --readouts of the fine-tuning run: the key is also scored at this many evenly "
+        "spaced positions of each sequence, from a copy of the state fed the trigger (default: 0)",
+    )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr-scale", type=float, default=1.0, help="multiply each model's learning rate")
     p.add_argument("--seq-len", type=int, default=256)
@@ -212,6 +219,8 @@ def main() -> int:
                     str(args.finetune_batch_size),
                     "--lr",
                     str(args.finetune_lr),
+                    "--readouts",
+                    str(args.finetune_readouts),
                     "--schedule",
                     "constant",
                     "--warmup-steps",

@@ -146,3 +146,54 @@ def test_masked_loss_matches_float64_loop():
     assert correct.item() == exp_correct and count.item() == exp_count == 4
     with pytest.raises(ValueError, match="logits must be"):
         masked_loss_sums(logits[0], targets)
+
+
+def _perturbed_mamba(vocab: int) -> torch.nn.Module:
+    from ssmkit.models.sequence import SequenceModel, SequenceModelConfig
+
+    torch.manual_seed(0)
+    model = SequenceModel(SequenceModelConfig(vocab_size=vocab, d_model=16, n_layer=2)).double()
+    with torch.no_grad():  # away from the initialisation, so no convention hides a mismatch
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def test_induction_heads_readouts_equal_queries_on_the_prefixes():
+    """Read-out j of a sequence is the query on its prefix: the model run from scratch (no cache) on
+    tokens [0, r_j) followed by the trigger, r_j = j·⌊L/(K+1)⌋, scored on the key when the key is at
+    r_j − 1 or before; plus the final query. Loss sum, counts and gradient against those separate
+    forwards, float64 model with perturbed weights (the loss itself is summed in float32, as in
+    ``masked_loss_sums``, hence float32 tolerances)."""
+    L, V, K = 40, 8, 3
+    task = InductionHeads(InductionHeadsConfig(seq_len=L, vocab_size=V, seed=3))
+    batch = task.train_batch(step=0, batch_size=6)
+    model = _perturbed_mamba(V)
+    params = list(model.parameters())
+    loss_sum, n_correct, n_scored = task.readout_loss_sums(model, batch, K)
+    grads = torch.autograd.grad(loss_sum, params)
+
+    terms, correct, cuts = [], 0, [10, 20, 30]
+    for x, y in zip(batch.inputs, batch.targets):
+        p = x.tolist().index(V - 1)  # the trigger's first position
+        queries = [(torch.cat([x[:r], torch.tensor([V - 1])]), int(x[p + 1])) for r in cuts if r >= p + 2]
+        queries.append((x, int(y[-1])))  # the task's own query, at L − 1
+        for seq, key in queries:
+            logits = model(seq[None])[0, -1]  # (V,)
+            terms.append(-torch.log_softmax(logits, -1)[key])
+            correct += int(logits.argmax()) == key
+    assert 6 < len(terms) < 6 * (K + 1)  # some read-outs scored, some before their key (this seed)
+    assert int(n_scored) == len(terms) and int(n_correct) == correct
+    ref = torch.stack(terms).sum()
+    torch.testing.assert_close(loss_sum.double(), ref, rtol=1e-6, atol=0)
+    for g, r in zip(grads, torch.autograd.grad(ref, params)):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-7)
+
+
+def test_induction_heads_readouts_errors():
+    task = InductionHeads(InductionHeadsConfig(seq_len=40, vocab_size=8))
+    batch = task.train_batch(step=0, batch_size=2)
+    for k in (0, 20):
+        match = rf"^readouts: expected 1 … 19 for sequences of length 40, got {k}$"
+        with pytest.raises(ValueError, match=match):
+            task.readout_loss_sums(_perturbed_mamba(8), batch, k)
