@@ -105,7 +105,7 @@ class InductionHeads(SyntheticTask):
             )
         trigger = self.config.vocab_size - 1
         first = (x == trigger).int().argmax(1)  # (b,) p, the trigger's first position
-        key = x[torch.arange(b), first + 1]  # (b,)
+        key = batch.targets[:, -1]  # (b,) the final query's target is the key
         query = torch.full((b, 1), trigger, dtype=x.dtype, device=x.device)  # (b, 1)
         cache, rows = model.new_cache(b), torch.arange(b)
         logits, targets, start = [], [], 0
@@ -115,5 +115,5 @@ class InductionHeads(SyntheticTask):
             targets.append(torch.where(first + 2 <= r, key, torch.full_like(key, IGNORE)))  # (b,)
             start = r
         logits.append(model(x[:, start:], cache, num_last_tokens=1)[:, -1])  # (b, V) the final query
-        targets.append(batch.targets[:, -1])  # (b,)
+        targets.append(key)  # (b,)
         return masked_loss_sums(torch.stack(logits, 1), torch.stack(targets, 1))  # over (b, K + 1)
