@@ -3,16 +3,17 @@
     python benchmarks/table11.py                  # Mamba (2 layers, d_model 64) and MHA-RoPE (2 layers,
                                                   # d_model 128, 8 heads) trained at L=256, V=16 (Mamba
                                                   # then fine-tuned 100 steps at L=65536, batch 2,
-                                                  # lr 2e-3), then evaluated at 2^6 … 2^20 (attention:
+                                                  # lr 2e-3, and 30 steps at L=262144, batch 1, lr 5e-4
+                                                  # decayed), then evaluated at 2^6 … 2^20 (attention:
                                                   # --attn-max-length)
     python benchmarks/table11.py --models mamba --steps 4000
     python benchmarks/table11.py --paper --device cuda   # Appendix E.1 step counts, batch 8
     python benchmarks/table11.py --models mamba,mamba2,hybrid --seeds 0,1,2   # one run per model × seed
 
 Each model is one ``ssmkit train`` run and one ``ssmkit eval`` run (subprocesses); long sequences are
-streamed through the recurrent state in chunks. A second ``ssmkit train --init-from`` run fine-tunes the
-SSM models at ``--finetune-seq-len`` for ``--finetune-steps`` steps at ``--finetune-lr`` before they are
-scored; the paper has no such phase (``--finetune-steps 0``).
+streamed through the recurrent state in chunks. Before they are scored, the SSM models are fine-tuned on
+long sequences in the ``--finetune`` phases, each a further ``ssmkit train --init-from`` run; the paper
+has no such phase (``--finetune none``).
 Results: ``table11.md`` / ``table11.json`` in --out.
 Paper setup (Appendix E.1): batch 8, 25–50 epochs of 8192 steps, Adam, constant lr 1e-3 (Mamba) or 2e-4.
 """
@@ -42,6 +43,32 @@ MODELS = {
     "mha-rope": ("attention", "rope", 128, 2e-4, 50 * 8192),
     "mha-abs": ("attention", "abs", 128, 2e-4, 25 * 8192),
 }
+# the fine-tuning phases of the default recipe: 100 steps of 2 × 65 536 tokens at lr 2e-3, then 30 steps of
+# one 262 144-token sequence at lr 5e-4 decayed to 5e-5 (docs/results.md, "Table 11")
+DEFAULT_FINETUNE = "65536:2:100:2e-3,262144:1:30:5e-4:wsd"
+
+
+def parse_finetune(spec: str) -> list[tuple[int, int, int, float, str]]:
+    """``--finetune`` as (length, batch, steps, lr, schedule) per phase; [] for 'none'."""
+    if spec.strip() in ("", "none"):
+        return []
+    phases = []
+    for item in spec.split(","):
+        fields = item.strip().split(":")
+        try:
+            if len(fields) not in (4, 5):
+                raise ValueError
+            length, batch, steps, lr = int(fields[0]), int(fields[1]), int(fields[2]), float(fields[3])
+            schedule = fields[4] if len(fields) == 5 else "constant"
+            if min(length, batch, steps) < 1 or lr <= 0 or schedule not in ("constant", "wsd"):
+                raise ValueError
+        except ValueError:
+            raise SystemExit(
+                f"error: --finetune: expected LENGTH:BATCH:STEPS:LR[:constant|wsd] phases or 'none', "
+                f"got {item.strip()!r}"
+            ) from None
+        phases.append((length, batch, steps, lr, schedule))
+    return phases
 
 
 def main() -> int:
@@ -73,27 +100,12 @@ def main() -> int:
     )
     p.add_argument("--final-steps", type=int, default=0, help="steps at --final-seq-len at the end")
     p.add_argument(
-        "--finetune-seq-len",
-        type=int,
-        default=65536,
-        help="after training, fine-tune the SSM models (mamba, mamba2) at this length: a second ssmkit train "
-        "--init-from run (fresh AdamW, --finetune-lr, constant, no warm-up) (default: 65536)",
-    )
-    p.add_argument(
-        "--finetune-steps", type=int, default=100, help="steps of the fine-tuning run (default: 100; 0: off)"
-    )
-    p.add_argument(
-        "--finetune-batch-size", type=int, default=2, help="batch of the fine-tuning run (default: 2)"
-    )
-    p.add_argument(
-        "--finetune-lr", type=float, default=2e-3, help="lr of the fine-tuning run (default: 2e-3)"
-    )
-    p.add_argument(
-        "--finetune-readouts",
-        type=int,
-        default=0,
-        help="ssmkit train --readouts of the fine-tuning run: the key is also scored at this many evenly "
-        "spaced positions of each sequence, from a copy of the state fed the trigger (default: 0)",
+        "--finetune",
+        default=DEFAULT_FINETUNE,
+        help="after training, fine-tune the SSM models (mamba, mamba2) in phases, each a further ssmkit "
+        "train --init-from run (fresh AdamW, no warm-up, no evaluation): comma-separated "
+        "LENGTH:BATCH:STEPS:LR[:SCHEDULE] (SCHEDULE constant or wsd; default constant); 'none': no "
+        f"fine-tuning, the paper's protocol (default: {DEFAULT_FINETUNE})",
     )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr-scale", type=float, default=1.0, help="multiply each model's learning rate")
@@ -121,7 +133,8 @@ def main() -> int:
     )
     args = p.parse_args()
     if args.paper:
-        args.batch_size, args.time_limit, args.finetune_steps = 8, None, 0
+        args.batch_size, args.time_limit, args.finetune = 8, None, "none"
+    phases = parse_finetune(args.finetune)
     models = parse_list(args.models, str, "--models")
     for m in models:
         if m not in MODELS:
@@ -136,13 +149,16 @@ def main() -> int:
     lengths = [2**k for k in ks]
     args.out.mkdir(parents=True, exist_ok=True)
 
-    def finetunes(arch: str) -> bool:
-        return bool(args.finetune_seq_len and args.finetune_steps) and arch in ("mamba", "mamba2")
+    def phase_runs(name: str) -> list[Path]:
+        """The fine-tuning phases' folders (none for attention and hybrid models)."""
+        arch = MODELS[name.rsplit("-seed", 1)[0]][0]
+        if arch not in ("mamba", "mamba2"):
+            return []
+        return [args.out / name / ("finetune" if i == 0 else f"finetune{i + 1}") for i in range(len(phases))]
 
     def final_run(name: str) -> Path:
-        """The folder whose checkpoint is scored: the fine-tuning run's when there is one."""
-        arch = MODELS[name.rsplit("-seed", 1)[0]][0]
-        return args.out / name / "finetune" if finetunes(arch) else args.out / name
+        """The folder whose checkpoint is scored: the last fine-tuning phase's when there is one."""
+        return ([args.out / name] + phase_runs(name))[-1]
 
     def commands(name: str) -> list[list[str]]:
         model, seed = name.rsplit("-seed", 1)
@@ -202,27 +218,25 @@ def main() -> int:
             str(run),
             *(["--time-limit-s", str(args.time_limit)] if args.time_limit else []),
         ]
-        stages = [train]
-        if finetunes(arch):
+        stages, previous = [train], run
+        for (length, batch, steps, ft_lr, schedule), folder in zip(phases, phase_runs(name)):
             stages.append(
                 [
                     *ssmkit,
                     "train",
                     "--init-from",
-                    str(run / "checkpoint.safetensors"),
+                    str(previous / "checkpoint.safetensors"),
                     *task_and_model,
                     "--seq-len",
-                    str(args.finetune_seq_len),
+                    str(length),
                     "--steps",
-                    str(args.finetune_steps),
+                    str(steps),
                     "--batch-size",
-                    str(args.finetune_batch_size),
+                    str(batch),
                     "--lr",
-                    str(args.finetune_lr),
-                    "--readouts",
-                    str(args.finetune_readouts),
+                    str(ft_lr),
                     "--schedule",
-                    "constant",
+                    schedule,
                     "--warmup-steps",
                     "0",
                     "--eval-every",
@@ -230,9 +244,10 @@ def main() -> int:
                     "--eval-examples",
                     "16",
                     "--out",
-                    str(run / "finetune"),
+                    str(folder),
                 ]
             )
+            previous = folder
         max_len = args.attn_max_length if arch in ("attention", "hybrid") else lengths[-1]
         ev = [
             *ssmkit,
@@ -291,7 +306,7 @@ def main() -> int:
     for name in names:
         run, last = args.out / name, final_run(name)
         ev = last / "eval.json"
-        summaries = [run / "summary.json"] + ([last / "summary.json"] if last != run else [])
+        summaries = [run / "summary.json"] + [f / "summary.json" for f in phase_runs(name)]
         if not ev.exists() or not all(f.exists() for f in summaries):
             lines.append(f"| {name} (ours) | not run | | " + " | ".join("" for _ in lengths) + " |")
             continue

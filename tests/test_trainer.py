@@ -234,34 +234,3 @@ def test_final_steps_config_errors():
     ]:
         with pytest.raises(ValueError, match=match):
             TrainConfig(**kw)
-
-
-def test_readouts_steps_score_the_task_readouts(tmp_path):
-    """With readouts, a step's loss is the task's read-out loss (final query + K read-outs per sequence)
-    of the model before the step, computed here on a copy of it."""
-    import copy
-
-    from ssmkit.models.sequence import SequenceModel, SequenceModelConfig
-    from ssmkit.tasks import InductionHeads, InductionHeadsConfig
-
-    task = InductionHeads(InductionHeadsConfig(seq_len=48, vocab_size=8, seed=2))
-    torch.manual_seed(0)
-    model = SequenceModel(SequenceModelConfig(vocab_size=8, d_model=16, n_layer=1))
-    before = copy.deepcopy(model)
-    result = train(model, task, _cfg(2, readouts=4), tmp_path / "run")
-    loss_sum, _, n = task.readout_loss_sums(before, task.train_batch(0, 8), 4)
-    assert int(n) > 8  # more answers than the 8 final queries
-    assert result.losses[0] == pytest.approx((loss_sum / n).item(), rel=1e-6)
-
-
-def test_readouts_errors(tmp_path):
-    from ssmkit.tasks import InductionHeads, InductionHeadsConfig
-
-    with pytest.raises(ValueError, match=r"^readouts: expected >= 0 \(0: off\), got -1$"):
-        TrainConfig(readouts=-1)
-    copying = SelectiveCopying(SelectiveCopyingConfig(seq_len=24, n_tokens=4, vocab_size=8))
-    with pytest.raises(ValueError, match=r"^readouts: expected 0 for the selective-copying task"):
-        train(ToyLM(8), copying, _cfg(2, readouts=2), tmp_path / "a")
-    heads = InductionHeads(InductionHeadsConfig(seq_len=24, vocab_size=8))
-    with pytest.raises(ValueError, match=r"^readouts: expected 0 for a ToyLM \(it has no recurrent state\)$"):
-        train(ToyLM(8), heads, _cfg(2, readouts=2), tmp_path / "b")

@@ -19,15 +19,7 @@ state space model can store in its state for as long as needed.
 Long validation sequences (2^20 tokens) are generated in one piece as int64 (8 MiB per example);
 evaluation streams them through the model's recurrent state in chunks (``ssmkit.train.evaluate``).
 
-Read-outs (``ssmkit train --readouts K``, for the fine-tuning on long sequences): one query per sequence
-is one answer per 65 536 tokens. With K read-outs the sequence is also cut at the K evenly spaced
-positions r_j = j·⌊L/(K+1)⌋; at each cut a copy of the recurrent state (the tokens [0, r_j)) is fed the
-trigger and scored on the key — the query as it would read if the sequence ended there — wherever the
-key is already in the state (r_j ≥ p + 2). The main sequence and its state are unchanged, so the model
-sees exactly the task's sequences, and each read-out's gradient flows back through the copied state.
-
-Glossary: L = seq_len, V = vocab_size (trigger V-1), p = trigger position, k = key, K = read-outs,
-r_j = read-out positions.
+Glossary: L = seq_len, V = vocab_size (trigger V-1), p = trigger position, k = key.
 """
 
 from __future__ import annotations
@@ -35,9 +27,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
 
-from ssmkit.tasks.base import IGNORE, Batch, SyntheticTask, masked_loss_sums
+from ssmkit.tasks.base import IGNORE, Batch, SyntheticTask
 
 
 def induction_heads_batch(
@@ -83,37 +74,3 @@ class InductionHeads(SyntheticTask):
     def make_batch(self, n: int, length: int, generator: torch.Generator) -> Batch:
         c = self.config
         return induction_heads_batch(n, length, c.vocab_size, generator)
-
-    def readout_loss_sums(
-        self, model: nn.Module, batch: Batch, readouts: int
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """``masked_loss_sums`` over the final query and ``readouts`` read-outs per sequence (module
-        docstring), for a model with the state protocol (``new_cache``, ``forward(ids, cache)``).
-
-        Args:
-            model: the model.
-            batch: a batch of this task, inputs and targets (b, L).
-            readouts: K >= 1, at most L // 2 - 1 (so that the cuts are distinct and past position 1).
-        Returns:
-            (loss_sum, n_correct, n_scored) over the scored read-outs and the b final queries.
-        """
-        x = batch.inputs  # (b, L)
-        b, L = x.shape
-        if not 1 <= readouts <= L // 2 - 1:
-            raise ValueError(
-                f"readouts: expected 1 … {L // 2 - 1} for sequences of length {L}, got {readouts}"
-            )
-        trigger = self.config.vocab_size - 1
-        first = (x == trigger).int().argmax(1)  # (b,) p, the trigger's first position
-        key = batch.targets[:, -1]  # (b,) the final query's target is the key
-        query = torch.full((b, 1), trigger, dtype=x.dtype, device=x.device)  # (b, 1)
-        cache, rows = model.new_cache(b), torch.arange(b)
-        logits, targets, start = [], [], 0
-        for r in (j * (L // (readouts + 1)) for j in range(1, readouts + 1)):
-            model(x[:, start:r], cache, num_last_tokens=1)  # consumes tokens [start, r)
-            logits.append(model(query, cache.select(rows))[:, -1])  # (b, V) from a copy of the state
-            targets.append(torch.where(first + 2 <= r, key, torch.full_like(key, IGNORE)))  # (b,)
-            start = r
-        logits.append(model(x[:, start:], cache, num_last_tokens=1)[:, -1])  # (b, V) the final query
-        targets.append(key)  # (b,)
-        return masked_loss_sums(torch.stack(logits, 1), torch.stack(targets, 1))  # over (b, K + 1)

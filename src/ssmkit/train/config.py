@@ -52,10 +52,6 @@ class TrainConfig:
     training length it hardly does); None: off."""
     final_steps: int = 0
     """Steps at the end trained at final_seq_len."""
-    readouts: int = 0
-    """Induction Heads only: also score the key at this many evenly spaced positions of every training
-    sequence, each from a copy of the recurrent state fed the trigger (K more answers per sequence, for
-    fine-tuning on long sequences; one process only); 0: off, only the final query."""
     eval_every: int = 500
     """Evaluate every this many steps (and at the end); 0: only at the end."""
     eval_lengths: list[int] = field(default_factory=list)
@@ -99,7 +95,6 @@ class TrainConfig:
                 (self.final_steps > 0) == (self.final_seq_len is not None),
                 "> 0 exactly when final_seq_len is set",
             ),
-            ("readouts", self.readouts >= 0, ">= 0 (0: off)"),
             ("eval_every", self.eval_every >= 0, ">= 0 (0: only at the end)"),
             ("eval_lengths", all(n >= 1 for n in self.eval_lengths), "lengths >= 1"),
             ("eval_chunk_size", self.eval_chunk_size is None or self.eval_chunk_size >= 1, ">= 1 or None"),

@@ -3,7 +3,7 @@
 One step (global batch B split over W ranks, each rank holding B/W rows of the same global batch):
 
     logits  = model(inputs)                                   # (B/W, l, V) on this rank
-    S_r, N_r = Σ cross-entropy, #scored positions on rank r   # (+ read-outs: TrainConfig.readouts)
+    S_r, N_r = Σ cross-entropy, #scored positions on rank r
     N       = Σ_r N_r                                         # one all-reduce (with S, #correct, stop flag)
     loss_r  = W · S_r / N                                     # DDP averages gradients over W ranks …
     ∇       = (1/W) Σ_r ∇ loss_r = ∇ (Σ_r S_r / N)            # … so this is the global mean loss' gradient
@@ -233,16 +233,6 @@ def setup(info: D.DistInfo, model, task: Task, cfg: TrainConfig, out: Path, resu
         raise ValueError(
             f"batch_size: expected a multiple of the world size {info.world_size}, got {cfg.batch_size}"
         )
-    if cfg.readouts:  # read-outs copy the recurrent state of one process's model mid-sequence
-        why = None
-        if not hasattr(task, "readout_loss_sums"):
-            why = f"the {task.name} task (only induction-heads has read-outs)"
-        elif not hasattr(model, "new_cache"):
-            why = f"a {type(model).__name__} (it has no recurrent state)"
-        elif info.enabled:
-            why = f"DDP (world size {info.world_size}); run one process"
-        if why:
-            raise ValueError(f"readouts: expected 0 for {why}")
     model.to(info.device)
     optimizer = _build_optimizer(model, cfg)
     step = 0
@@ -328,10 +318,8 @@ def train_step(run: _Run, stop: _StopFlag, t0: float) -> _StepResult:
     length = cfg.final_seq_len if final else None  # None: the task's own length
     batch = run.task.train_batch(run.step, run.per_rank, info.rank, info.world_size, length).to(info.device)
     with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-        if cfg.readouts:  # the final query and cfg.readouts read-outs per sequence
-            loss_sum, n_correct, n_scored = run.task.readout_loss_sums(run.model, batch, cfg.readouts)
-        else:
-            loss_sum, n_correct, n_scored = masked_loss_sums(run.net(batch.inputs), batch.targets)
+        logits = run.net(batch.inputs)  # (b, l, V)
+    loss_sum, n_correct, n_scored = masked_loss_sums(logits, batch.targets)
     time_up = info.is_main and cfg.time_limit_s is not None and time.perf_counter() - t0 > cfg.time_limit_s
     flags = [float(stop.requested), float(time_up)]
     stats = torch.tensor([0.0, 0.0, 0.0, *flags], dtype=torch.float64, device=info.device)  # (5,)
